@@ -1,0 +1,470 @@
+"""ACE-Step 1.5 DiT, condition encoder, audio tokenizer and detokenizer in plain PyTorch.
+
+An own implementation of the official ``AceStepConditionGenerationModel`` (spec §2), written from the spec and
+checked against outputs the official code computed (tests/test_parity.py). Module and parameter names equal the
+official ones, so the official ``model.safetensors`` loads strictly and PEFT adapters trained here load into the
+official decoder (and vice versa).
+
+Semantics kept from the official model on purpose:
+- attention is bidirectional everywhere; even layers use a |i - j| <= sliding_window band (spec §2.2);
+- the DiT ignores ``attention_mask`` / ``encoder_attention_mask`` (the official forward discards them). Training
+  may opt in to key-padding masks with ``mask_padding=True`` so a padded batch computes exactly what each sample
+  computes alone;
+- the timestep is scaled by 1000 in the timestep tensor's own dtype, as the official code does (bf16 rounding
+  included when the trainer passes bf16 timesteps, as the official trainer and inference do).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import AceStepConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """Qwen3RMSNorm: normalise in fp32, cast back, then scale (no +1 offset)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Qwen3MLP), no biases."""
+
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [L, head_dim] for positions 0..L-1 (Qwen3 default rope, computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, heads, L, D] with cos/sin [L, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention_bias(query_len: int, key_len: int, window: Optional[int], key_mask: Optional[torch.Tensor],
+                   dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """Additive attention mask [B|1, 1, Lq, Lk]: 0 where attended, dtype-min where not.
+
+    ``window`` keeps |i - j| <= window (bidirectional band); ``key_mask`` [B, Lk] (1 = valid) masks padded keys.
+    The dtype-min fill (not -inf) matches the official masks: a query whose keys are all masked averages
+    uniformly over every key instead of producing NaN.
+    """
+    if window is None and key_mask is None:
+        return None
+    valid = torch.ones(1, 1, query_len, key_len, dtype=torch.bool, device=device)
+    if window is not None:
+        pos_q = torch.arange(query_len, device=device)
+        pos_k = torch.arange(key_len, device=device)
+        valid = valid & ((pos_q[:, None] - pos_k[None, :]).abs() <= window)
+    if key_mask is not None:
+        valid = valid & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    bias = torch.zeros(valid.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~valid, torch.finfo(dtype).min)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with per-head RMSNorm on q and k, GQA, RoPE in self-attention only."""
+
+    def __init__(self, cfg: AceStepConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.is_cross_attention = is_cross_attention
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None, context: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, lq, _ = x.shape
+        source = x if context is None else context
+        lk = source.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, lq, -1, self.head_dim)).transpose(1, 2)  # (B, Hq, Lq, D)
+        k = self.k_norm(self.k_proj(source).view(b, lk, -1, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
+        v = self.v_proj(source).view(b, lk, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, lq, -1))  # (B, Lq, Hq*D) -> (B, Lq, H)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer used by the lyric/timbre encoders, the pooler and the detokenizer."""
+
+    def __init__(self, cfg: AceStepConfig, layer_idx: int):
+        super().__init__()
+        self.window = cfg.window_for_layer(layer_idx)
+        self.self_attn = Attention(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: torch.Tensor, rope: tuple, masks: dict) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope=rope, mask=masks[self.window])
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class EncoderStack(nn.Module):
+    """Embedding Linear + RoPE + bidirectional EncoderLayers + final norm (shared shape of four official modules)."""
+
+    def __init__(self, cfg: AceStepConfig, in_dim: int, num_layers: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Linear(in_dim, cfg.hidden_size)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(num_layers))
+        # The official lyric and timbre encoders iterate layers[:num_hidden_layers]; the pooler/detokenizer all.
+        self.max_layers = num_layers
+
+    def run_layers(self, h: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        seq_len = h.shape[1]
+        rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        masks = {w: attention_bias(seq_len, seq_len, w, key_mask, h.dtype, h.device)
+                 for w in {layer.window for layer in self.layers}}
+        for layer in self.layers[: self.max_layers]:
+            h = layer(h, rope, masks)
+        return self.norm(h)
+
+
+class LyricEncoder(EncoderStack):
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__(cfg, cfg.text_hidden_dim, cfg.num_lyric_encoder_hidden_layers)
+        self.max_layers = min(cfg.num_lyric_encoder_hidden_layers, cfg.num_hidden_layers)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.run_layers(self.embed_tokens(inputs_embeds), key_mask=attention_mask)
+
+
+class TimbreEncoder(EncoderStack):
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__(cfg, cfg.timbre_hidden_dim, cfg.num_timbre_encoder_hidden_layers)
+        self.max_layers = min(cfg.num_timbre_encoder_hidden_layers, cfg.num_hidden_layers)
+        # Present in the official checkpoint but unused: the official prepend of this token is commented out.
+        self.special_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+
+    def forward(self, refer_packed: torch.Tensor, order_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode N packed reference clips [N, T, 64]; return per-row slots [B, max_refs, H] and their mask."""
+        pooled = self.run_layers(self.embed_tokens(refer_packed))[:, 0, :]  # frame 0 of each clip, (N, H)
+        return unpack_references(pooled, order_mask)
+
+
+def unpack_references(packed: torch.Tensor, order_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter N packed vectors to [B, max_count, d] by batch index ``order_mask`` [N], keeping their order."""
+    n, d = packed.shape
+    batch = int(order_mask.max().item()) + 1
+    one_hot = F.one_hot(order_mask, batch)  # (N, B)
+    slot = (one_hot.cumsum(0) - 1).gather(1, order_mask[:, None]).squeeze(1)  # position within its row
+    max_count = int(one_hot.sum(0).max().item())
+    flat_index = order_mask * max_count + slot
+    out = packed.new_zeros(batch * max_count, d).index_copy(0, flat_index, packed)
+    mask = torch.zeros(batch * max_count, dtype=torch.long, device=packed.device)
+    mask[flat_index] = 1
+    return out.view(batch, max_count, d), mask.view(batch, max_count)
+
+
+def pack_sequences(h1: torch.Tensor, h2: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor):
+    """Concatenate two masked sequences and move valid tokens to the front (stable), as the official encoder."""
+    hidden = torch.cat([h1, h2], dim=1)
+    mask = torch.cat([m1, m2], dim=1)
+    b, length, d = hidden.shape
+    order = mask.argsort(dim=1, descending=True, stable=True)
+    hidden = torch.gather(hidden, 1, order.unsqueeze(-1).expand(b, length, d))
+    new_mask = torch.arange(length, device=hidden.device)[None, :] < mask.sum(dim=1)[:, None]
+    return hidden, new_mask
+
+
+class ConditionEncoder(nn.Module):
+    """Text projection + lyric encoder + timbre encoder, packed into one cross-attention sequence."""
+
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__()
+        self.text_projector = nn.Linear(cfg.text_hidden_dim, cfg.hidden_size, bias=False)
+        self.lyric_encoder = LyricEncoder(cfg)
+        self.timbre_encoder = TimbreEncoder(cfg)
+
+    def forward(self, text_hidden_states, text_attention_mask, lyric_hidden_states, lyric_attention_mask,
+                refer_audio_acoustic_hidden_states_packed, refer_audio_order_mask):
+        text = self.text_projector(text_hidden_states)
+        lyric = self.lyric_encoder(lyric_hidden_states, lyric_attention_mask)
+        timbre, timbre_mask = self.timbre_encoder(refer_audio_acoustic_hidden_states_packed, refer_audio_order_mask)
+        hidden, mask = pack_sequences(lyric, timbre, lyric_attention_mask, timbre_mask)
+        return pack_sequences(hidden, text, mask, text_attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio tokenizer / detokenizer (5 Hz codes used by cover / LM hints; not needed for text2music LoRA training)
+
+
+class ResidualFSQ(nn.Module):
+    """Residual finite scalar quantisation with the options the official tokenizer uses (symmetry-preserving
+    levels, hard-clamped bound after a tanh soft clamp), parameterised like vector-quantize-pytorch's class."""
+
+    def __init__(self, dim: int, levels: list, num_quantizers: int):
+        super().__init__()
+        self.levels = list(levels)
+        self.num_quantizers = num_quantizers
+        self.project_in = nn.Linear(dim, len(levels))
+        self.project_out = nn.Linear(len(levels), dim)
+
+    def _constants(self, device):
+        levels = torch.tensor(self.levels, device=device, dtype=torch.float32)
+        basis = torch.cumprod(torch.tensor([1] + self.levels[:-1], device=device), 0)
+        return levels, basis
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels, basis = self._constants(x.device)
+        z = self.project_in(x).float()
+        clamp = 1 + 1 / (levels - 1)
+        residual = torch.tanh(z / clamp) * clamp
+        quantized_sum = torch.zeros_like(residual)
+        all_indices = []
+        for q in range(self.num_quantizers):
+            scale = levels ** -q
+            scaled = (residual / scale).clamp(-1.0, 1.0)
+            bracket = (levels - 1) * (scaled + 1) / 2 + 0.5
+            bracket = scaled + (bracket.floor() - scaled).detach()  # straight-through floor
+            codes = 2.0 / (levels - 1) * bracket - 1.0
+            level_idx = (codes + 1) / (2.0 / (levels - 1))
+            all_indices.append((level_idx * basis).sum(-1).round().to(torch.int32))
+            quantized = codes * scale
+            residual = residual - quantized.detach()
+            quantized_sum = quantized_sum + quantized
+        return self.project_out(quantized_sum.to(x.dtype)), torch.stack(all_indices, dim=-1)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        levels, basis = self._constants(indices.device)
+        level_idx = (indices.long()[..., None] // basis) % levels.long()  # (..., Q, C)
+        codes = level_idx.float() * (2.0 / (levels - 1)) - 1.0
+        scales = torch.stack([levels ** -q for q in range(self.num_quantizers)])  # (Q, C)
+        return self.project_out((codes * scales).sum(-2).to(self.project_out.weight.dtype))
+
+
+class AttentionPooler(EncoderStack):
+    """Pools each window of 5 frames into one vector through a prepended learned token."""
+
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__(cfg, cfg.hidden_size, cfg.num_attention_pooler_hidden_layers)
+        self.special_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, p, d = x.shape
+        x = self.embed_tokens(x)
+        x = torch.cat([self.special_token.expand(b, t, 1, -1), x], dim=2).reshape(b * t, p + 1, -1)
+        return self.run_layers(x)[:, 0, :].reshape(b, t, -1)
+
+
+class AudioTokenizer(nn.Module):
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__()
+        self.pool_window_size = cfg.pool_window_size
+        self.audio_acoustic_proj = nn.Linear(cfg.audio_acoustic_hidden_dim, cfg.hidden_size)
+        self.attention_pooler = AttentionPooler(cfg)
+        self.quantizer = ResidualFSQ(cfg.fsq_dim, cfg.fsq_input_levels, cfg.fsq_input_num_quantizers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T/5, 5, 64] -> (quantized [B, T/5, H], indices [B, T/5, Q])."""
+        return self.quantizer(self.attention_pooler(self.audio_acoustic_proj(x)))
+
+    def tokenize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, d = latents.shape
+        return self.forward(latents.reshape(b, t // self.pool_window_size, self.pool_window_size, d))
+
+
+class AudioTokenDetokenizer(EncoderStack):
+    """Expands each 5 Hz code vector back to 5 latent frames (25 Hz)."""
+
+    def __init__(self, cfg: AceStepConfig):
+        super().__init__(cfg, cfg.hidden_size, cfg.num_attention_pooler_hidden_layers)
+        self.pool_window_size = cfg.pool_window_size
+        self.special_tokens = nn.Parameter(torch.zeros(1, cfg.pool_window_size, cfg.hidden_size))
+        self.proj_out = nn.Linear(cfg.hidden_size, cfg.audio_acoustic_hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        p = self.pool_window_size
+        x = self.embed_tokens(x).unsqueeze(2).repeat(1, 1, p, 1) + self.special_tokens.expand(b, t, -1, -1)
+        x = self.proj_out(self.run_layers(x.reshape(b * t, p, -1)))
+        return x.reshape(b, t * p, -1)  # (B, T*5, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal (cos first) embedding of 1000·t, MLP, and a 6-way modulation projection."""
+
+    def __init__(self, hidden_size: int, in_channels: int = 256, scale: float = 1000.0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.scale = scale
+        self.linear_1 = nn.Linear(in_channels, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        self.time_proj = nn.Linear(hidden_size, hidden_size * 6)
+
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.in_channels // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = (t * self.scale)[:, None].float() * freqs[None]  # scaled in t's dtype, like the official code
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        temb = self.linear_2(F.silu(self.linear_1(emb.to(t.dtype))))
+        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))  # (B, H), (B, 6, H)
+
+
+class Transpose(nn.Module):
+    """[B, T, C] <-> [B, C, T]; keeps the official ``proj_in.1`` / ``proj_out.1`` parameter names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+class DiTLayer(nn.Module):
+    """AdaLN-modulated self-attention, plain-residual cross-attention, AdaLN-modulated MLP."""
+
+    def __init__(self, cfg: AceStepConfig, layer_idx: int):
+        super().__init__()
+        self.window = cfg.window_for_layer(layer_idx)
+        self.self_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.cross_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.cross_attn = Attention(cfg, is_cross_attention=True)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, cfg.hidden_size))
+
+    def forward(self, h, rope, temb6, context, self_masks: dict, cross_mask):
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb6).chunk(6, dim=1)
+        x = (self.self_attn_norm(h) * (1 + scale) + shift).type_as(h)
+        h = (h + self.self_attn(x, rope=rope, mask=self_masks[self.window]) * gate).type_as(h)
+        h = h + self.cross_attn(self.cross_attn_norm(h).type_as(h), context=context, mask=cross_mask)
+        x = (self.mlp_norm(h) * (1 + c_scale) + c_shift).type_as(h)
+        return (h + self.mlp(x) * c_gate).type_as(h)
+
+
+class DiT(nn.Module):
+    """The diffusion transformer (``model.decoder``): predicts the flow velocity (noise - data)."""
+
+    def __init__(self, cfg: AceStepConfig, condition_dim: Optional[int] = None):
+        super().__init__()
+        self.config = cfg
+        self.patch_size = cfg.patch_size
+        h = cfg.hidden_size
+        self.layers = nn.ModuleList(DiTLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.proj_in = nn.Sequential(Transpose(), nn.Conv1d(cfg.in_channels, h, cfg.patch_size, cfg.patch_size),
+                                     Transpose())
+        self.time_embed = TimestepEmbedding(h)
+        self.time_embed_r = TimestepEmbedding(h)
+        self.condition_embedder = nn.Linear(condition_dim or h, h)
+        self.norm_out = RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.proj_out = nn.Sequential(Transpose(),
+                                      nn.ConvTranspose1d(h, cfg.audio_acoustic_hidden_dim, cfg.patch_size,
+                                                         cfg.patch_size),
+                                      Transpose())
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, h))
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, timestep_r: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None, encoder_hidden_states: torch.Tensor = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None, context_latents: torch.Tensor = None,
+                mask_padding: bool = False, **unused):
+        """hidden_states [B, T, 64] noisy latents, context_latents [B, T, 128], encoder_hidden_states [B, L, Hc].
+
+        Returns ``(velocity [B, T, 64], None)`` like the official decoder (second item: its unused KV cache).
+        """
+        temb_t, proj_t = self.time_embed(timestep)
+        temb_r, proj_r = self.time_embed_r(timestep - timestep_r)
+        temb, temb6 = temb_t + temb_r, proj_t + proj_r
+
+        x = torch.cat([context_latents, hidden_states], dim=-1)  # (B, T, 192)
+        frames = x.shape[1]
+        pad = (-frames) % self.patch_size
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = self.proj_in(x)  # (B, T/2, H)
+        context = self.condition_embedder(encoder_hidden_states)
+
+        seq_len, device = x.shape[1], x.device
+        rope = rotary_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta, device, x.dtype)
+        key_mask = cross_mask = None
+        if mask_padding:
+            if attention_mask is not None:
+                frame_mask = F.pad(attention_mask.float(), (0, pad))
+                key_mask = frame_mask.view(frame_mask.shape[0], -1, self.patch_size).amax(-1) > 0  # (B, T/2)
+            if encoder_attention_mask is not None:
+                cross_mask = attention_bias(seq_len, context.shape[1], None, encoder_attention_mask, x.dtype, device)
+        self_masks = {w: attention_bias(seq_len, seq_len, w, key_mask, x.dtype, device)
+                      for w in {layer.window for layer in self.layers}}
+
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, temb6, context, self_masks, cross_mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, temb6, context, self_masks, cross_mask)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)
+        return self.proj_out(x)[:, :frames], None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole model
+
+COMPONENTS = ("decoder", "encoder", "tokenizer", "detokenizer", "null_condition_emb")
+
+
+class AceStepModel(nn.Module):
+    """Official ``AceStepConditionGenerationModel`` layout. Components not requested are left out (``None``)."""
+
+    def __init__(self, cfg: AceStepConfig, components: tuple = COMPONENTS):
+        super().__init__()
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"components: unknown {sorted(unknown)}; choose from {list(COMPONENTS)}")
+        self.config = cfg
+        enc_cfg = cfg.encoder_config()
+        self.decoder = DiT(cfg, condition_dim=enc_cfg.hidden_size) if "decoder" in components else None
+        self.encoder = ConditionEncoder(enc_cfg) if "encoder" in components else None
+        self.tokenizer = AudioTokenizer(enc_cfg) if "tokenizer" in components else None
+        self.detokenizer = AudioTokenDetokenizer(enc_cfg) if "detokenizer" in components else None
+        self.null_condition_emb = (nn.Parameter(torch.zeros(1, 1, enc_cfg.hidden_size))
+                                   if "null_condition_emb" in components else None)
+
+    @property
+    def components(self) -> tuple:
+        return tuple(c for c in COMPONENTS if getattr(self, c) is not None)

@@ -1,0 +1,58 @@
+"""Text side of the conditioning: Qwen3-Embedding-0.6B for the caption, its token-embedding table for lyrics.
+
+As in official inference (spec §3.1 items 6-7): the caption prompt is tokenised without padding (one prompt at a
+time, so no pad tokens exist), truncated at 256 tokens, and run through the whole Qwen3 model (final-norm output,
+no attention mask); the lyric prompt is tokenised up to 2048 tokens and only looked up in ``embed_tokens``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import TEXT_ENCODER_DIR, require_dir, require_file
+from .prompts import CAPTION_MAX_TOKENS, LYRIC_MAX_TOKENS
+
+
+class TextEncoder:
+    def __init__(self, tokenizer, model):
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "TextEncoder":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def _ids(self, text: str, max_tokens: int) -> torch.Tensor:
+        ids = self.tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_caption(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden states [1, L, text_dim] and an all-ones mask [1, L]."""
+        ids = self._ids(prompt, CAPTION_MAX_TOKENS)
+        hidden = self.model(input_ids=ids).last_hidden_state
+        return hidden, torch.ones(ids.shape, device=ids.device)
+
+    @torch.no_grad()
+    def embed_lyrics(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> token embeddings [1, L, text_dim] (no transformer) and an all-ones mask [1, L]."""
+        ids = self._ids(prompt, LYRIC_MAX_TOKENS)
+        return self.model.embed_tokens(ids), torch.ones(ids.shape, device=ids.device)
+
+
+def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR), "Text encoder")
+    require_file(os.path.join(directory, "config.json"), "Text encoder config")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).to(dtype)
+    if not hasattr(model, "embed_tokens"):
+        raise ValueError(f"{directory} did not load as a Qwen3 base model (got {type(model).__name__}); "
+                         "it should be the Qwen3-Embedding-0.6B folder from ACE-Step/Ace-Step1.5.")
+    return TextEncoder(tokenizer, model.to(device))

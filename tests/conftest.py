@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny generated checkpoint (turbo + base DiT, VAE, text encoder) and the official fixture."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from acestep_lora.testing import make_tiny_checkpoint  # noqa: E402
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "acestep15_tiny")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A complete official-layout checkpoint folder with acestep-v15-turbo and acestep-v15-base."""
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), variants=["turbo", "base"])
+
+
+@pytest.fixture(scope="session")
+def official_ckpt(tmp_path_factory):
+    """The official-implementation fixture laid out as a checkpoint folder (DiT under acestep-v15-turbo)."""
+    root = tmp_path_factory.mktemp("official")
+    dit = root / "acestep-v15-turbo"
+    dit.mkdir()
+    for name in ("config.json", "model.safetensors", "silence_latent.pt"):
+        shutil.copy(os.path.join(FIXTURE, name), dit / name)
+    shutil.copytree(os.path.join(FIXTURE, "vae"), root / "vae")
+    return str(root)

@@ -1,0 +1,132 @@
+"""The full-size model built on the meta device has exactly the official key set, shapes and size (spec §2.1)."""
+import pytest
+import torch
+
+from acestep_lora.config import AceStepConfig
+from acestep_lora.model import AceStepModel, attention_bias, pack_sequences, unpack_references
+
+H, HKV, INTER = 2048, 1024, 6144
+
+
+def official_keys() -> dict:
+    """Key -> shape, written out from the spec's list, independently of acestep_lora.model."""
+    keys = {}
+
+    def attn(prefix):
+        keys.update({f"{prefix}.q_proj.weight": (H, H), f"{prefix}.k_proj.weight": (HKV, H),
+                     f"{prefix}.v_proj.weight": (HKV, H), f"{prefix}.o_proj.weight": (H, H),
+                     f"{prefix}.q_norm.weight": (128,), f"{prefix}.k_norm.weight": (128,)})
+
+    def mlp(prefix):
+        keys.update({f"{prefix}.gate_proj.weight": (INTER, H), f"{prefix}.up_proj.weight": (INTER, H),
+                     f"{prefix}.down_proj.weight": (H, INTER)})
+
+    def enc_layer(prefix):
+        attn(prefix + ".self_attn")
+        mlp(prefix + ".mlp")
+        keys.update({prefix + ".input_layernorm.weight": (H,), prefix + ".post_attention_layernorm.weight": (H,)})
+
+    for i in range(24):
+        p = f"decoder.layers.{i}"
+        for norm in ("self_attn_norm", "cross_attn_norm", "mlp_norm"):
+            keys[f"{p}.{norm}.weight"] = (H,)
+        attn(p + ".self_attn")
+        attn(p + ".cross_attn")
+        mlp(p + ".mlp")
+        keys[p + ".scale_shift_table"] = (1, 6, H)
+    keys.update({"decoder.proj_in.1.weight": (H, 192, 2), "decoder.proj_in.1.bias": (H,),
+                 "decoder.condition_embedder.weight": (H, H), "decoder.condition_embedder.bias": (H,),
+                 "decoder.norm_out.weight": (H,), "decoder.proj_out.1.weight": (H, 64, 2),
+                 "decoder.proj_out.1.bias": (64,), "decoder.scale_shift_table": (1, 2, H)})
+    for te in ("time_embed", "time_embed_r"):
+        keys.update({f"decoder.{te}.linear_1.weight": (H, 256), f"decoder.{te}.linear_1.bias": (H,),
+                     f"decoder.{te}.linear_2.weight": (H, H), f"decoder.{te}.linear_2.bias": (H,),
+                     f"decoder.{te}.time_proj.weight": (6 * H, H), f"decoder.{te}.time_proj.bias": (6 * H,)})
+    keys["encoder.text_projector.weight"] = (H, 1024)
+    keys.update({"encoder.lyric_encoder.embed_tokens.weight": (H, 1024), "encoder.lyric_encoder.embed_tokens.bias": (H,),
+                 "encoder.lyric_encoder.norm.weight": (H,)})
+    for i in range(8):
+        enc_layer(f"encoder.lyric_encoder.layers.{i}")
+    keys.update({"encoder.timbre_encoder.embed_tokens.weight": (H, 64), "encoder.timbre_encoder.embed_tokens.bias": (H,),
+                 "encoder.timbre_encoder.norm.weight": (H,), "encoder.timbre_encoder.special_token": (1, 1, H)})
+    for i in range(4):
+        enc_layer(f"encoder.timbre_encoder.layers.{i}")
+    keys.update({"tokenizer.audio_acoustic_proj.weight": (H, 64), "tokenizer.audio_acoustic_proj.bias": (H,),
+                 "tokenizer.attention_pooler.embed_tokens.weight": (H, H),
+                 "tokenizer.attention_pooler.embed_tokens.bias": (H,), "tokenizer.attention_pooler.norm.weight": (H,),
+                 "tokenizer.attention_pooler.special_token": (1, 1, H),
+                 "tokenizer.quantizer.project_in.weight": (6, H), "tokenizer.quantizer.project_in.bias": (6,),
+                 "tokenizer.quantizer.project_out.weight": (H, 6), "tokenizer.quantizer.project_out.bias": (H,)})
+    for i in range(2):
+        enc_layer(f"tokenizer.attention_pooler.layers.{i}")
+        enc_layer(f"detokenizer.layers.{i}")
+    keys.update({"detokenizer.embed_tokens.weight": (H, H), "detokenizer.embed_tokens.bias": (H,),
+                 "detokenizer.norm.weight": (H,), "detokenizer.special_tokens": (1, 5, H),
+                 "detokenizer.proj_out.weight": (64, H), "detokenizer.proj_out.bias": (64,),
+                 "null_condition_emb": (1, 1, H)})
+    return keys
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    with torch.device("meta"):
+        return AceStepModel(AceStepConfig())
+
+
+def test_full_size_key_set_and_shapes_are_official(full_model):
+    expected = official_keys()
+    state = full_model.state_dict()
+    assert len(expected) == 677
+    assert set(state) == set(expected)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+
+
+def test_full_size_parameter_counts(full_model):
+    total = sum(p.numel() for p in full_model.parameters())
+    assert total == sum(torch.Size(s).numel() for s in official_keys().values())
+    assert round(total / 1e9, 3) == 2.394
+    layer = sum(p.numel() for p in full_model.decoder.layers[0].parameters())
+    assert layer == 62_933_504
+    assert round(sum(p.numel() for p in full_model.decoder.parameters()) / 1e9, 3) == 1.575
+    assert round(sum(p.numel() for p in full_model.encoder.parameters()) / 1e9, 3) == 0.608
+
+
+def test_layer_types_alternate_sliding_and_full(full_model):
+    windows = [layer.window for layer in full_model.decoder.layers]
+    assert windows == [128 if i % 2 == 0 else None for i in range(24)]
+
+
+def test_variant_from_config():
+    assert AceStepConfig(is_turbo=True).variant == "turbo"
+    assert AceStepConfig.from_dict({"is_turbo": False, "model_version": "base"}).variant == "base"
+    assert AceStepConfig.from_dict({"model_version": "sft"}).variant == "sft"
+
+
+def test_components_subset_builds_only_those(tmp_path):
+    with torch.device("meta"):
+        m = AceStepModel(AceStepConfig(), components=("decoder", "null_condition_emb"))
+    assert m.encoder is None and m.tokenizer is None and m.detokenizer is None
+    assert all(k.startswith(("decoder.", "null_condition_emb")) for k in m.state_dict())
+
+
+def test_attention_bias_band_and_padding():
+    bias = attention_bias(5, 5, 1, torch.tensor([[1, 1, 1, 1, 0]]), torch.float32, "cpu")
+    allowed = bias[0, 0] == 0
+    expected = torch.tensor([[abs(i - j) <= 1 and j < 4 for j in range(5)] for i in range(5)])
+    assert torch.equal(allowed, expected)
+    assert attention_bias(5, 5, None, None, torch.float32, "cpu") is None
+
+
+def test_pack_sequences_moves_valid_tokens_first_stably():
+    h1 = torch.arange(3.0).view(1, 3, 1)
+    h2 = torch.arange(10.0, 12.0).view(1, 2, 1)
+    packed, mask = pack_sequences(h1, h2, torch.tensor([[1, 0, 1]]), torch.tensor([[0, 1]]))
+    assert packed.flatten().tolist() == [0.0, 2.0, 11.0, 1.0, 10.0]
+    assert mask.tolist() == [[True, True, True, False, False]]
+
+
+def test_unpack_references_keeps_order_per_row():
+    packed = torch.arange(4.0).view(4, 1)
+    out, mask = unpack_references(packed, torch.tensor([1, 0, 1, 1]))
+    assert out[..., 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 2.0, 3.0]]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
