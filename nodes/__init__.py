@@ -1,3 +1,8 @@
 """ComfyUI node wrappers. No ML logic here: parse inputs, call acestep_lora, report progress, return outputs."""
+from . import prepare, samples, train
+
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+for _module in (samples, prepare, train):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -1,45 +1,87 @@
-"""End-to-end demo on a tiny generated checkpoint (or real weights in $ACESTEP_CHECKPOINT_DIR).
+"""`make demo`: the four nodes end to end, called through their ComfyUI-facing methods.
 
-Foundation stage: loads every part of the checkpoint, encodes a synthetic clip through the VAE, the caption and
-lyrics through the text encoder and the condition encoder, and runs one DiT velocity prediction.
+Create Training Sample x4 (chained) -> Collect Training Samples -> LoRA Prepare Training Data -> LoRA Train, on
+synthetic music and a tiny generated checkpoint, or on real weights when $ACESTEP_CHECKPOINT_DIR points to an
+official ACE-Step 1.5 download. ComfyUI itself is replaced by the small stand-ins in scripts/headless.py; output
+lands in demo_output/ (re-running reuses the samples and the cached tensors, and trains a new run).
 """
-import math
+import json
 import os
 import sys
 import time
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from acestep_lora import load_dit, load_silence_latent, load_text_encoder, load_vae  # noqa: E402
-from acestep_lora.prompts import caption_prompt, lyrics_prompt  # noqa: E402
-from acestep_lora.testing import make_tiny_checkpoint  # noqa: E402
+import headless  # noqa: E402
+from synthetic_music import make_clip  # noqa: E402
+
+CLIPS = [  # (caption, bpm given to the node (0 = detect), true bpm, style, key, lyrics)
+    ("energetic rock, distorted guitars, punchy drums", 0, 128, "rock", "E minor", "[Instrumental]"),
+    ("laid-back house groove, warm pads, four on the floor", 122, 122, "house", "A minor", "[Instrumental]"),
+    ("gentle waltz, soft piano chords", 0, 96, "waltz", "F major", "[Instrumental]"),
+    ("half-time hip hop beat, deep bass, sparse drums", 80, 80, "halftime", "C# minor",
+     "[Verse]\nWalking through the city, lights are low,\nnowhere else to go"),
+]
 
 
 def main():
     out = os.path.join(ROOT, "demo_output")
-    ckpt = os.environ.get("ACESTEP_CHECKPOINT_DIR") or make_tiny_checkpoint(os.path.join(out, "checkpoints"))
-    print(f"checkpoint: {ckpt}")
-    t0 = time.time()
-    vae, text, model = load_vae(ckpt), load_text_encoder(ckpt), load_dit(ckpt, "acestep-v15-turbo")
-    silence = load_silence_latent(ckpt, "acestep-v15-turbo")
-    seconds = 6
-    t = torch.arange(48000 * seconds) / 48000
-    audio = (0.4 * torch.sin(2 * math.pi * 220 * t) * (torch.sin(2 * math.pi * 2 * t) > 0)).expand(1, 2, -1)
-    latents = vae.encode_tiled(audio).mean.transpose(1, 2)  # (1, T, 64)
-    caption, cmask = text.encode_caption(caption_prompt("a pulsing synth tone", 120, "4", "A minor", seconds))
-    lyrics, lmask = text.embed_lyrics(lyrics_prompt("[Instrumental]", "unknown"))
-    with torch.no_grad():
-        enc, emask = model.encoder(caption, cmask, lyrics, lmask, silence[:, :750], torch.zeros(1, dtype=torch.long))
-        frames = latents.shape[1]
-        context = torch.cat([silence[:, :frames], torch.ones(1, frames, 64)], dim=-1)
-        tt = torch.tensor([0.5])
-        velocity = model.decoder(hidden_states=0.5 * latents + 0.5 * torch.randn_like(latents), timestep=tt,
-                                 timestep_r=tt, encoder_hidden_states=enc, context_latents=context)[0]
-    print(f"latents {tuple(latents.shape)}, condition {tuple(enc.shape)}, velocity {tuple(velocity.shape)} "
-          f"in {time.time() - t0:.1f}s")
+    state = headless.install(os.path.join(out, "comfyui"))
+    pack = headless.load_pack()
+    nodes = pack.NODE_CLASS_MAPPINGS
+    real = os.environ.get("ACESTEP_CHECKPOINT_DIR")
+    if real:
+        ckpt = real
+    else:
+        from acestep_lora.testing import make_tiny_checkpoint
+
+        ckpt = make_tiny_checkpoint(os.path.join(out, "checkpoints"))
+    seconds = float(os.environ.get("DEMO_SECONDS", 20 if real else 8))
+    epochs = int(os.environ.get("DEMO_EPOCHS", 2 if real else 40))
+    print(f"checkpoint: {ckpt} ({'official weights' if real else 'tiny generated checkpoint'})")
+    started = time.time()
+
+    # 1. Create Training Sample, chained so they run in order before Collect.
+    create, previous = nodes["ACEStepLoRA_CreateTrainingSample"](), None
+    for i, (caption, bpm, true_bpm, style, key, lyrics) in enumerate(CLIPS):
+        waveform = make_clip(true_bpm, seconds, sample_rate=44100, seed=i, style=style)
+        audio = {"waveform": waveform.unsqueeze(0), "sample_rate": 44100}  # what Load Audio outputs
+        (previous,) = create.create(audio, caption, "demo/samples", lyrics=lyrics, bpm=bpm, keyscale=key,
+                                    language="en" if lyrics != "[Instrumental]" else "instrumental",
+                                    timesignature="3/4" if style == "waltz" else "4/4", previous=previous)
+        info = json.loads(previous)
+        print(f"1. sample {info['id']} ({info['status']}): bpm {info['bpm']} ({info['bpm_source']}, true {true_bpm})")
+
+    # 2. Collect Training Samples.
+    lists = nodes["ACEStepLoRA_CollectTrainingSamples"]().collect("demo/samples", sample_info=previous)
+    audio_files, captions, lyrics_list, bpm_list, keyscale_list, language_list, timesignature_list = lists
+    print(f"2. collected {len(json.loads(audio_files))} samples")
+
+    # 3. LoRA Prepare Training Data.
+    prepared = nodes["ACEStepLoRA_PrepareTrainingData"]().prepare(
+        audio_files, captions, lyrics_list, bpm_list, keyscale_list, language_list, output_dir="demo/tensors",
+        checkpoint_dir=ckpt, config_path="acestep-v15-turbo", device="auto", custom_tag="demostyle",
+        tag_position="prepend", max_duration=240.0, timesignature_list=timesignature_list)
+    tensor_dir, status = prepared["result"]
+    print(f"3. {status}")
+
+    # 4. LoRA Train (a new run folder each time; resume_from='latest' would continue one instead).
+    run_dir = f"demo/runs/demo_{time.strftime('%Y%m%d_%H%M%S')}"
+    trained = nodes["ACEStepLoRA_Train"]().train(
+        tensor_dir, ckpt, "acestep-v15-turbo", run_dir, lora_rank=8 if not real else 64,
+        lora_alpha=16 if not real else 128, lora_dropout=0.0, learning_rate=1e-3 if not real else 3e-4,
+        train_epochs=epochs, batch_size=2, gradient_accumulation=1, save_every_n_epochs=max(1, epochs // 2),
+        seed=42, resume_from="", target_modules="q_proj,k_proj,v_proj,o_proj")
+    lora_info, log = trained["result"]
+    print("4. " + "\n   ".join(log.splitlines()[-4:]))
+    print("\nLoRA files:")
+    print(f"  PEFT adapter (kaola lora_info / official app): {lora_info['path']}")
+    print(f"  ComfyUI LoRA (LoraLoaderModelOnly, alpha baked in): {lora_info['comfy_lora_path']}")
+    print(f"  checkpoints and train_log.jsonl: {lora_info['output_dir']}")
+    print(f"demo finished in {time.time() - started:.0f} s; {len(state.server.messages)} live chart messages sent")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,22 @@ def official_ckpt(tmp_path_factory):
         shutil.copy(os.path.join(FIXTURE, name), dit / name)
     shutil.copytree(os.path.join(FIXTURE, "vae"), root / "vae")
     return str(root)
+
+
+@pytest.fixture()
+def comfy(tmp_path, monkeypatch):
+    """ComfyUI stand-ins rooted at tmp_path (output/, models/) and the pack imported as under custom_nodes/.
+
+    Returns a namespace: .pack (the imported pack), .output, .models, .server (recorded send_sync messages),
+    .interrupt() (press Cancel), .progress (recorded ProgressBar instances).
+    """
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import headless
+
+    state = headless.install(str(tmp_path / "comfyui"))
+    monkeypatch.chdir(tmp_path)
+    state.pack = headless.load_pack()
+    state.interrupt = lambda: setattr(state, "interrupted", True)
+    state.progress = headless.ProgressBar.instances
+    state.InterruptProcessingException = headless.InterruptProcessingException
+    return state

@@ -1,0 +1,113 @@
+"""The only place the nodes touch ComfyUI: folders, progress bar, cancel, live messages, memory.
+
+Each hook degrades to a plain fallback when ComfyUI is absent, so the nodes also run from scripts and tests.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+def _folder_paths():
+    try:  # inside ComfyUI (looked up per call, so stand-ins installed later are seen too)
+        import folder_paths  # type: ignore
+
+        return folder_paths
+    except ImportError:
+        return None
+
+
+def output_directory() -> str:
+    fp = _folder_paths()
+    return fp.get_output_directory() if fp is not None else os.getcwd()
+
+
+def models_directory() -> str:
+    fp = _folder_paths()
+    return fp.models_dir if fp is not None else os.path.join(os.getcwd(), "models")
+
+
+def resolve_under_output(path: str) -> str:
+    """A relative path means "inside ComfyUI's output folder" (the current folder outside ComfyUI)."""
+    path = os.path.expanduser((path or "").strip())
+    return path if os.path.isabs(path) else os.path.join(output_directory(), path)
+
+
+def resolve_input_path(path: str) -> str:
+    """A typed audio path: absolute as is; relative is looked up in the current folder, ComfyUI's input folder,
+    then its output folder (where Create Training Sample writes)."""
+    path = os.path.expanduser((path or "").strip())
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    fp = _folder_paths()
+    if fp is not None:
+        for base in (fp.get_input_directory(), fp.get_output_directory()):
+            candidate = os.path.join(base, path)
+            if os.path.exists(candidate):
+                return candidate
+    return path
+
+
+def default_checkpoint_dir() -> str:
+    """Where the kaola pack's users keep the official download: <ComfyUI models>/Ace-Step1.5."""
+    return os.path.join(models_directory(), "Ace-Step1.5")
+
+
+def loras_directory() -> str:
+    """First folder of ComfyUI's ``loras`` list (what LoraLoaderModelOnly lists), else output/loras."""
+    fp = _folder_paths()
+    if fp is not None:
+        try:
+            dirs = fp.get_folder_paths("loras")
+            if dirs:
+                return dirs[0]
+        except Exception:
+            pass
+    return os.path.join(output_directory(), "loras")
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def free_memory() -> None:
+    """Ask ComfyUI to unload its cached models first, so training has the GPU to itself."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def send_event(event: str, data: dict, sid: Optional[str] = None) -> None:
+    """Push a JSON message to the browser (the live training chart listens for it)."""
+    try:
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data, sid)
+
+
+class Progress:
+    """ComfyUI progress bar (with optional PIL preview image) when available; no-op otherwise."""
+
+    def __init__(self, total: int, node_id: Optional[str] = None):
+        self.total = max(1, int(total))
+        try:
+            import comfy.utils  # type: ignore
+
+            self.bar: Any = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        except ImportError:
+            self.bar = None
+
+    def set(self, value: int, preview=None) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(min(int(value), self.total), self.total,
+                                     ("PNG", preview, None) if preview is not None else None)
