@@ -201,6 +201,7 @@ class Trainer:
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = cfg.lora_name.strip() or os.path.basename(os.path.normpath(cfg.output_dir)) or "acestep_lora"
         self.lora_name = re.sub(r"[^\w.-]+", "_", self.lora_name)
+        self.trigger_tag = cfg.trigger_tag or (self.data.manifest.get("metadata") or {}).get("custom_tag", "")
 
     # -- validation --------------------------------------------------------------------------------------------
     def _validate_numbers(self):
@@ -353,7 +354,7 @@ class Trainer:
     def _metadata(self, epochs_done: int) -> dict:
         c = self.cfg
         return {"format": "pt", "acestep_lora.run_id": self.run_id, "acestep_lora.rank": str(c.lora_rank),
-                "acestep_lora.alpha": str(c.lora_alpha), "acestep_lora.base_config": self._identity()["config_path"],
+                "acestep_lora.alpha": f"{c.lora_alpha:g}", "acestep_lora.base_config": self._identity()["config_path"],
                 "acestep_lora.variant": self.model_cfg.variant, "acestep_lora.epochs": str(epochs_done),
                 "acestep_lora.steps": str(self.step), "acestep_lora.dataset_size": str(len(self.data)),
                 "acestep_lora.trigger_tag": self.trigger_tag, "acestep_lora.target_modules": ",".join(self.targets),
@@ -418,7 +419,6 @@ class Trainer:
         self._build()
         self.run_id = uuid.uuid4().hex[:12]
         self.step, self.history, self.epoch_log = 0, [], []
-        self.trigger_tag = cfg.trigger_tag or (self.data.manifest.get("metadata") or {}).get("custom_tag", "")
         start_epoch, next_batch, order, epoch_loss = 1, 0, None, (0.0, 0)
         if self.resume_dir is not None:
             state = self._resume()

@@ -36,7 +36,11 @@ def main():
     if real:
         ckpt = real
     else:
+        import torch
+
         from acestep_lora.testing import make_tiny_checkpoint
+
+        torch.set_num_threads(1)  # the tiny models gain nothing from threads; a busy CPU makes them spin-wait
 
         ckpt = make_tiny_checkpoint(os.path.join(out, "checkpoints"))
     seconds = float(os.environ.get("DEMO_SECONDS", 20 if real else 8))

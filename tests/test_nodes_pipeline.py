@@ -1,0 +1,200 @@
+"""Prepare and Train nodes through their ComfyUI-facing methods (ComfyUI stand-ins from scripts/headless.py)."""
+import importlib
+import json
+import os
+
+import pytest
+import soundfile as sf
+import torch
+
+from acestep_lora.lists import encode_list
+
+from test_prepare import tone
+
+
+def node_module(comfy, name):
+    return importlib.import_module(f"{comfy.pack.__name__}.nodes.{name}")
+
+
+def prepare_node(comfy):
+    return node_module(comfy, "prepare").PrepareTrainingData()
+
+
+def call_prepare(comfy, ckpt, audio_files="", captions="", **kw):
+    args = dict(audio_files=audio_files, captions=captions, lyrics_list="", bpm_list="", keyscale_list="",
+                language_list="", output_dir="tensors", checkpoint_dir=ckpt, config_path="acestep-v15-turbo",
+                device="cpu")
+    args.update(kw)
+    return prepare_node(comfy).prepare(**args)
+
+
+def write_wav(path, seconds=1.0, rate=44100):
+    sf.write(path, tone(seconds, rate=rate).T.numpy(), rate)
+    return path
+
+
+def test_node_definitions(comfy):
+    mappings = comfy.pack.NODE_CLASS_MAPPINGS
+    assert comfy.pack.NODE_DISPLAY_NAME_MAPPINGS == {
+        "ACEStepLoRA_CreateTrainingSample": "ACE-Step Create Training Sample",
+        "ACEStepLoRA_CollectTrainingSamples": "ACE-Step Collect Training Samples",
+        "ACEStepLoRA_PrepareTrainingData": "ACE-Step LoRA Prepare Training Data",
+        "ACEStepLoRA_Train": "ACE-Step LoRA Train"}
+    prepare = mappings["ACEStepLoRA_PrepareTrainingData"]
+    inputs = prepare.INPUT_TYPES()
+    assert list(inputs["required"]) == ["audio_files", "captions", "lyrics_list", "bpm_list", "keyscale_list",
+                                        "language_list", "output_dir", "checkpoint_dir", "config_path", "device"]
+    assert {"audio_input_1", "audio_input_2", "audio_input_3", "audio_input_4", "custom_tag", "tag_position",
+            "max_duration"} <= set(inputs["optional"])
+    assert prepare.RETURN_NAMES == ("tensor_dir", "status")
+    train = mappings["ACEStepLoRA_Train"]
+    tin = train.INPUT_TYPES()
+    assert list(tin["required"]) == ["tensor_dir", "checkpoint_dir", "config_path", "output_dir", "lora_rank",
+                                     "lora_alpha", "lora_dropout", "learning_rate", "train_epochs", "batch_size",
+                                     "gradient_accumulation", "save_every_n_epochs", "seed", "resume_from",
+                                     "target_modules"]
+    assert tin["required"]["lora_rank"][1]["min"] == 4 and tin["required"]["lora_rank"][1]["max"] == 256
+    assert tin["required"]["lora_rank"][1]["default"] == 64 and tin["required"]["lora_alpha"][1]["default"] == 128
+    assert tin["required"]["learning_rate"][1]["default"] == 3e-4
+    assert train.RETURN_TYPES == ("ACE_STEP_LORA_INFO", "STRING")
+    assert train.RETURN_NAMES == ("lora_info", "training_log")
+    for cls in mappings.values():
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, value in spec.get(section, {}).items():
+                assert value[1].get("tooltip"), f"{cls.__name__}.{name} has no tooltip"
+        assert cls.DESCRIPTION and cls.CATEGORY == "audio/ACE-Step LoRA"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+
+
+def test_config_path_dropdown_lists_found_folders(comfy, tiny_ckpt):
+    os.symlink(tiny_ckpt, os.path.join(comfy.models, "Ace-Step1.5"))
+    choices = prepare_node(comfy).INPUT_TYPES()["required"]["config_path"][0]
+    assert choices[:2] == ["acestep-v15-base", "acestep-v15-turbo"] and "acestep-v15-sft" in choices
+    assert prepare_node(comfy).INPUT_TYPES()["required"]["checkpoint_dir"][1]["default"].endswith("Ace-Step1.5")
+
+
+def test_audio_inputs_mixed_with_files_and_typed_lists(comfy, tiny_ckpt, tmp_path):
+    f1 = write_wav(str(tmp_path / "one.wav"))
+    f2 = write_wav(str(tmp_path / "two.wav"), seconds=1.5)
+    audio = {"waveform": tone(1.2, rate=22050, channels=1).unsqueeze(0), "sample_rate": 22050}
+    out = call_prepare(comfy, tiny_ckpt, audio_files=f"{f1},{f2}", captions="Electronic pop,Chill lo-fi,Ambient",
+                       lyrics_list="[Instrumental],[Instrumental],[Instrumental]", bpm_list="120,90,0",
+                       keyscale_list="C Major,Am,", language_list="", audio_input_1=audio, custom_tag="zz",
+                       tag_position="prepend")
+    tensor_dir, status = out["result"]
+    assert tensor_dir == os.path.join(comfy.output, "tensors") and "3 encoded" in status
+    assert out["ui"]["text"] == [status]
+    manifest = json.load(open(os.path.join(tensor_dir, "manifest.json")))
+    assert [s["name"] for s in manifest["samples_info"]] == [f1, f2, "audio_input_1"]
+    metas = [torch.load(os.path.join(tensor_dir, f), weights_only=True)["metadata"] for f in manifest["samples"]]
+    assert [m["caption"] for m in metas] == ["zz, Electronic pop", "zz, Chill lo-fi", "zz, Ambient"]
+    assert [m["bpm"] for m in metas] == [120, 90, None] and [m["keyscale"] for m in metas] == ["C major", "A minor", ""]
+    assert metas[2]["frames"] == 30  # 1.2 s at 22.05 kHz -> 48 kHz -> 30 frames
+    assert comfy.progress[-1].updates[-1][0] == 3
+
+
+def test_json_lists_with_commas_and_newlines_round_trip(comfy, tiny_ckpt, tmp_path):
+    files = [write_wav(str(tmp_path / f"{i}.wav")) for i in range(2)]
+    captions = ["rock, loud, fast", "calm\npiano, strings"]
+    lyrics = ["[Verse]\nhello, world\n[Chorus]\nla, la", "[Instrumental]"]
+    out = call_prepare(comfy, tiny_ckpt, audio_files=encode_list(files), captions=encode_list(captions),
+                       lyrics_list=encode_list(lyrics), bpm_list=encode_list([120, ""]),
+                       language_list=encode_list(["en", "instrumental"]))
+    tensor_dir = out["result"][0]
+    manifest = json.load(open(os.path.join(tensor_dir, "manifest.json")))
+    metas = [torch.load(os.path.join(tensor_dir, f), weights_only=True)["metadata"] for f in manifest["samples"]]
+    assert [m["caption"] for m in metas] == captions and [m["lyrics"] for m in metas] == lyrics
+
+
+def test_list_count_mismatch_is_named(comfy, tiny_ckpt, tmp_path):
+    files = [write_wav(str(tmp_path / f"{i}.wav")) for i in range(3)]
+    with pytest.raises(ValueError, match="captions has 2 entries but there are 3 audio files"):
+        call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b")
+    assert not os.path.exists(os.path.join(comfy.output, "tensors", "manifest.json"))
+
+
+def test_relative_audio_paths_resolve_in_comfy_input(comfy, tiny_ckpt):
+    os.makedirs(os.path.join(os.path.dirname(comfy.output), "input"), exist_ok=True)
+    write_wav(os.path.join(os.path.dirname(comfy.output), "input", "song.wav"))
+    out = call_prepare(comfy, tiny_ckpt, audio_files="song.wav", captions="c")
+    assert "1 encoded" in out["result"][1]
+
+
+def test_is_changed_follows_the_files(comfy, tmp_path):
+    node = node_module(comfy, "prepare").PrepareTrainingData
+    path = write_wav(str(tmp_path / "a.wav"))
+    first = node.IS_CHANGED(audio_files=path)
+    assert node.IS_CHANGED(audio_files=path) == first
+    write_wav(path, seconds=2.0)
+    assert node.IS_CHANGED(audio_files=path) != first
+
+
+def train_args(tensor_dir, ckpt, **kw):
+    args = dict(tensor_dir=tensor_dir, checkpoint_dir=ckpt, config_path="acestep-v15-turbo", output_dir="runs/mylora",
+                lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-3, train_epochs=3, batch_size=1,
+                gradient_accumulation=1, save_every_n_epochs=2, seed=1, resume_from="",
+                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", unique_id="7")
+    args.update(kw)
+    return args
+
+
+@pytest.fixture()
+def prepared(comfy, tiny_ckpt, tmp_path):
+    files = [write_wav(str(tmp_path / f"{i}.wav"), seconds=1.0 + 0.2 * i) for i in range(2)]
+    return call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b", custom_tag="mytag")["result"][0]
+
+
+def test_train_node_end_to_end(comfy, tiny_ckpt, prepared):
+    train = node_module(comfy, "train").TrainLoRA()
+    out = train.train(**train_args(prepared, tiny_ckpt))
+    lora_info, log = out["result"]
+    assert lora_info["scale"] == 1.0 and os.path.isfile(os.path.join(lora_info["path"], "adapter_config.json"))
+    assert lora_info["path"] == os.path.join(comfy.output, "runs", "mylora", "final", "adapter")
+    assert lora_info["comfy_lora_path"] == os.path.join(comfy.models, "loras", "mylora.safetensors")
+    assert lora_info["comfy_lora_name"] == "mylora.safetensors"
+    assert lora_info["rank"] == 8 and lora_info["alpha"] == 16 and lora_info["config_path"] == "acestep-v15-turbo"
+    assert "epoch 3/3" in log and isinstance(log, str)
+    assert comfy.unloaded == 1  # ComfyUI was asked to unload its models first
+    bar = comfy.progress[-1]
+    assert bar.total == 6 and bar.updates[-1][0] == 6
+    previews = [u[2] for u in bar.updates if u[2] is not None]
+    assert previews and previews[-1][0] == "PNG" and previews[-1][1].size == (512, 288)
+    events = [m for m in comfy.server.messages if m[0] == "acestep_lora.training"]
+    assert events and events[-1][1]["step"] == 6 and events[-1][1]["node"] == "7"
+    assert sum(len(e[1]["points"]) for e in events) == 6
+    from acestep_lora.lora_io import read_comfy_lora
+    _, meta = read_comfy_lora(lora_info["comfy_lora_path"])
+    assert meta["acestep_lora.trigger_tag"] == "mytag"
+
+
+def test_train_node_cancel_then_resume_latest(comfy, tiny_ckpt, prepared):
+    train = node_module(comfy, "train").TrainLoRA()
+    module = node_module(comfy, "train")
+    calls = [0]
+    original = module.comfy.check_interrupt
+
+    def press_cancel_at_third_batch():
+        calls[0] += 1
+        if calls[0] == 3:
+            comfy.interrupt()
+        original()
+
+    module.comfy.check_interrupt = press_cancel_at_third_batch
+    try:
+        with pytest.raises(comfy.InterruptProcessingException):
+            train.train(**train_args(prepared, tiny_ckpt))
+    finally:
+        module.comfy.check_interrupt = original
+    run = os.path.join(comfy.output, "runs", "mylora")
+    assert any(d.startswith("cancelled_epoch_2") for d in os.listdir(os.path.join(run, "checkpoints")))
+    out = train.train(**train_args(prepared, tiny_ckpt, resume_from="latest"))
+    assert out["result"][0]["steps"] == 6
+
+
+def test_second_run_with_same_name_does_not_replace_the_first_file(comfy, tiny_ckpt, prepared):
+    train = node_module(comfy, "train").TrainLoRA()
+    first = train.train(**train_args(prepared, tiny_ckpt))["result"][0]
+    second = train.train(**train_args(prepared, tiny_ckpt, output_dir="other/mylora"))["result"][0]
+    assert first["comfy_lora_path"] != second["comfy_lora_path"]
+    assert second["comfy_lora_path"].endswith("mylora_2.safetensors") and os.path.isfile(first["comfy_lora_path"])

@@ -1,0 +1,333 @@
+"""Training engine: learning, exact resume, cancel, divergence, the LoRA files, and bad inputs."""
+import json
+import math
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from acestep_lora import load_dit
+from acestep_lora import train as train_mod
+from acestep_lora.lora_io import lora_pairs, merged_delta, read_comfy_lora
+from acestep_lora.prepare import PrepareSettings, prepare_dataset
+from acestep_lora.train import (TURBO_SHIFT3_TIMESTEPS, TrainConfig, Trainer, TrainingStopped, lr_factor,
+                                train_lora, warmup_for)
+
+from test_prepare import item
+
+
+@pytest.fixture(scope="module")
+def tensors(tiny_ckpt, tmp_path_factory):
+    """Three prepared samples of different lengths (1.0 s, 1.5 s, 1.0 s) on the turbo tiny checkpoint."""
+    out = str(tmp_path_factory.mktemp("tensors"))
+    prepare_dataset([item("a", 1.0), item("b", 1.5, lyrics="la la, la\nla"), item("c", 1.0)], out,
+                    PrepareSettings(tiny_ckpt, device="cpu"))
+    return out
+
+
+def config(tiny_ckpt, tensors, out, **kw):
+    base = dict(tensor_dir=tensors, checkpoint_dir=tiny_ckpt, output_dir=str(out), lora_rank=8, lora_alpha=16,
+                lora_dropout=0.1, learning_rate=2e-3, train_epochs=4, save_every_n_epochs=2, warmup_steps=2,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(result):
+    return [p[1] for p in result.history]
+
+
+# -- schedule and sampling --------------------------------------------------------------------------------------
+
+def test_official_lr_schedule():
+    total, warm = 1000, warmup_for(1000, 100)
+    assert warm == 100 and warmup_for(50, 100) == 5 and warmup_for(3, 100) == 1
+    assert lr_factor(0, total, warm) == pytest.approx(0.1)
+    assert lr_factor(50, total, warm) == pytest.approx(0.55)
+    assert lr_factor(100, total, warm) == pytest.approx(1.0)
+    assert lr_factor(550, total, warm) == pytest.approx(0.505)
+    assert lr_factor(999, total, warm) == pytest.approx(0.01, abs=1e-4)
+
+
+def test_turbo_uses_official_discrete_timesteps_and_base_logit_normal(tiny_ckpt, tensors, tmp_path):
+    turbo = Trainer(config(tiny_ckpt, tensors, tmp_path / "a"))
+    turbo._build()
+    assert turbo.sampling == "turbo_discrete"
+    assert set(turbo._timesteps(400).tolist()) == set(torch.tensor(TURBO_SHIFT3_TIMESTEPS).tolist())
+
+    base = Trainer(config(tiny_ckpt, tensors, tmp_path / "b", timestep_sampling="logit_normal"))
+    base._build()
+    t = base._timesteps(20000)
+    assert 0 < t.min() and t.max() < 1
+    # max of two logit-normal(-0.4, 1) draws: the median is sigmoid(-0.4 + 0.545) ~ 0.536
+    assert t.median().item() == pytest.approx(0.536, abs=0.02)
+
+
+def test_cfg_dropout_replaces_condition_with_null_embedding(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, timestep_sampling="logit_normal", cfg_dropout=0.5))
+    trainer._build()
+    seen = []
+    original = trainer.net.forward
+    monkeypatch.setattr(trainer.net, "forward", lambda **kw: seen.append(kw["encoder_hidden_states"]) or original(**kw))
+    from acestep_lora.data import collate
+    for _ in range(40):
+        trainer._loss(collate([trainer.data.samples[0]]))
+    null = trainer.null_condition[0, 0]
+    dropped = [bool((s[0] == null).all()) for s in seen]
+    assert 8 < sum(dropped) < 32  # ~50 %
+    assert not any(bool((s[0] == null).all()) for s in seen if not torch.equal(s[0][0], null))
+
+
+# -- learning and the files -------------------------------------------------------------------------------------
+
+def test_loss_falls_on_memorisable_data(tiny_ckpt, tensors, tmp_path):
+    result = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=40, learning_rate=3e-3,
+                               lora_dropout=0.0, save_every_n_epochs=0, lora_rank=16, lora_alpha=16))
+    values = losses(result)
+    assert len(values) == 40 * 3
+    first, last = sum(values[:15]) / 15, sum(values[-15:]) / 15
+    assert last < 0.85 * first, (first, last)
+
+
+def test_outputs_peft_and_comfy_files(tiny_ckpt, tensors, tmp_path):
+    from peft import PeftModel
+
+    result = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", loras_dir=str(tmp_path / "loras"),
+                               comfy_dtype="float32", lora_dropout=0.0))
+    adapter = result.adapter_dir
+    assert sorted(f for f in os.listdir(adapter) if f != "README.md") == ["adapter_config.json",
+                                                                         "adapter_model.safetensors"]
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    from safetensors.torch import load_file
+    keys = list(load_file(os.path.join(adapter, "adapter_model.safetensors")))
+    pattern = re.compile(r"^base_model\.model\.layers\.\d+\.(self_attn|cross_attn)\.[qkvo]_proj\.lora_[AB]\.weight$")
+    assert keys and all(pattern.match(k) for k in keys) and len(keys) == 2 * 8 * 2  # 2 layers x 8 projections
+
+    # The PEFT folder loads into a freshly loaded official-layout decoder and reproduces what was trained.
+    trained = PeftModel.from_pretrained(load_dit(tiny_ckpt).decoder, adapter).eval()
+    plain = load_dit(tiny_ckpt).decoder.eval()
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 20, 64, generator=g), timestep=torch.tensor([0.5]),
+              timestep_r=torch.tensor([0.5]), encoder_hidden_states=torch.randn(1, 7, 64, generator=g),
+              context_latents=torch.randn(1, 20, 128, generator=g))
+    with torch.no_grad():
+        lora_out, base_out = trained(**kw)[0], plain(**kw)[0]
+    assert (lora_out - base_out).abs().max() > 1e-4  # the adapter does something
+
+    # The ComfyUI file: official-prefix keys ComfyUI maps to diffusion_model.decoder.*, alpha per module, and
+    # W + (alpha/r)·B·A reproduces the PEFT model.
+    tensors_, meta = read_comfy_lora(result.comfy_lora_path)
+    assert os.path.dirname(result.comfy_lora_path) == str(tmp_path / "loras")
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors_}
+    decoder_weights = set(load_dit(tiny_ckpt).decoder.state_dict())
+    for module in modules:
+        assert module.startswith("base_model.model.layers.")
+        assert module[len("base_model.model."):] + ".weight" in decoder_weights  # ComfyUI's ACEStep15 mapping
+        assert tensors_[module + ".alpha"].item() == 16.0
+        assert {module + ".lora_A.weight", module + ".lora_B.weight"} <= set(tensors_)
+    assert meta["acestep_lora.rank"] == "8" and meta["acestep_lora.alpha"] == "16"
+    assert meta["acestep_lora.base_config"] == "acestep-v15-turbo" and meta["acestep_lora.dataset_size"] == "3"
+    patched = load_dit(tiny_ckpt).decoder.eval()
+    deltas = merged_delta(lora_pairs(tensors_), alpha=16.0, rank=8)
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            patched.get_submodule(module).weight += delta
+        merged_out = patched(**kw)[0]
+    assert torch.allclose(merged_out, lora_out, atol=1e-5, rtol=1e-5)
+    # Without the alpha tensor ComfyUI would apply scale 1.0 instead of alpha/r = 2: a different result.
+    assert not torch.allclose(base_out + (lora_out - base_out) / 2, lora_out, atol=1e-5)
+
+
+def test_default_comfy_file_is_bf16_and_close(tiny_ckpt, tensors, tmp_path):
+    result = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=1, save_every_n_epochs=0))
+    tensors_, _ = read_comfy_lora(result.comfy_lora_path)
+    assert {v.dtype for k, v in tensors_.items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    from safetensors.torch import load_file
+    peft = lora_pairs(load_file(os.path.join(result.adapter_dir, "adapter_model.safetensors")))
+    for module, ab in lora_pairs(tensors_).items():
+        assert torch.allclose(ab["A"].float(), peft[module]["A"], rtol=1e-2, atol=1e-4)
+
+
+def test_checkpoints_and_log(tiny_ckpt, tensors, tmp_path):
+    result = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=4, save_every_n_epochs=2))
+    ckpt = tmp_path / "checkpoints" / "epoch_2"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and (ckpt / "training_state.pt").is_file()
+    assert (ckpt / f"{tmp_path.name}_epoch_2.safetensors").is_file()
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 6
+    lines = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
+    assert [e["epoch"] for e in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(e["loss"]) and e["lr"] > 0 for e in lines)
+    assert "epoch 4/4" in result.log and "PEFT adapter:" in result.log
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+
+def test_resume_reproduces_uninterrupted_run_exactly(tiny_ckpt, tensors, tmp_path):
+    full = train_lora(config(tiny_ckpt, tensors, tmp_path / "full", train_epochs=6, save_every_n_epochs=3,
+                             batch_size=2))
+    resumed = train_lora(config(tiny_ckpt, tensors, tmp_path / "resumed", train_epochs=6, save_every_n_epochs=3,
+                                batch_size=2, resume_from=str(tmp_path / "full" / "checkpoints" / "epoch_3")))
+    assert full.steps == resumed.steps == 12
+    assert losses(resumed) == losses(full)  # bit-exact, steps 1-6 restored from the checkpoint, 7-12 recomputed
+    from safetensors.torch import load_file
+    a = load_file(os.path.join(full.adapter_dir, "adapter_model.safetensors"))
+    b = load_file(os.path.join(resumed.adapter_dir, "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_restores_lora_weights(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    """The official trainer's resume silently restarted the LoRA; ours must carry the trained weights over."""
+    train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, resume_from="latest"))
+    trainer._build()
+    fresh_b = [p.detach().clone() for n, p in trainer.peft_model.named_parameters() if "lora_B" in n]
+    assert all(bool((b == 0).all()) for b in fresh_b)
+    trainer._resume()
+    loaded_b = [p for n, p in trainer.peft_model.named_parameters() if "lora_B" in n]
+    assert all(bool((b != 0).any()) for b in loaded_b)
+    assert trainer.resume_dir.endswith("final")  # latest = the most optimizer steps
+
+
+def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_path):
+    full = train_lora(config(tiny_ckpt, tensors, tmp_path / "full", train_epochs=4, save_every_n_epochs=0,
+                             gradient_accumulation=2))
+    calls = [0]
+
+    def cancel_mid_epoch():
+        calls[0] += 1
+        if calls[0] == 8:  # epoch 3, second micro-batch: inside an accumulation group
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "run", train_epochs=4, save_every_n_epochs=0,
+                          gradient_accumulation=2), check_cancel=cancel_mid_epoch)
+    saved = os.listdir(tmp_path / "run" / "checkpoints")
+    assert len(saved) == 1 and saved[0].startswith("cancelled_epoch_3_step_4")
+    resumed = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", train_epochs=4, save_every_n_epochs=0,
+                                gradient_accumulation=2, resume_from="latest"))
+    assert losses(resumed) == losses(full) and resumed.steps == full.steps == 8
+
+
+def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path):
+    train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    with pytest.raises(FileExistsError, match="already holds a training run.*resume_from"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+@pytest.mark.parametrize("change,pattern", [({"lora_rank": 16}, "lora_rank: checkpoint 8, now 16"),
+                                            ({"target_modules": "q_proj,v_proj"}, "target_modules")])
+def test_resume_with_other_rank_or_targets(tiny_ckpt, tensors, tmp_path, change, pattern):
+    train_lora(config(tiny_ckpt, tensors, tmp_path / "a", train_epochs=2, save_every_n_epochs=1))
+    with pytest.raises(ValueError, match=pattern):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "b", resume_from=str(tmp_path / "a" / "checkpoints" /
+                                                                               "epoch_1"), **change))
+
+
+def test_resume_latest_without_checkpoint(tiny_ckpt, tensors, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path, resume_from="latest"))
+
+
+# -- failures ----------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    original = Trainer._loss
+    calls = [0]
+
+    def poisoned(self, batch):
+        calls[0] += 1
+        loss = original(self, batch)
+        return loss * float("nan") if calls[0] > 7 else loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    with pytest.raises(TrainingStopped, match="loss became nan.*Lower learning_rate.*epoch_2"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=4, save_every_n_epochs=2))
+    assert os.listdir(tmp_path / "checkpoints") == ["epoch_2"]
+    state = torch.load(tmp_path / "checkpoints" / "epoch_2" / "training_state.pt", weights_only=True)
+    assert all(math.isfinite(p[1]) for p in state["history"])
+    assert not (tmp_path / "final").exists()
+
+
+def test_out_of_memory_saves_and_names_the_knobs(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    original = Trainer._loss
+    calls = [0]
+
+    def oom(self, batch):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "_loss", oom)
+    with pytest.raises(TrainingStopped, match="out of cpu memory.*gradient_checkpointing.*batch_size.*max_duration"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path))
+    assert any(d.startswith("cancelled_") for d in os.listdir(tmp_path / "checkpoints"))
+
+
+def test_bad_inputs(tiny_ckpt, tensors, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tensor_dir .* does not exist"):
+        train_lora(config(tiny_ckpt, str(tmp_path / "nope"), tmp_path / "o"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        train_lora(config(tiny_ckpt, str(empty), tmp_path / "o"))
+    with pytest.raises(ValueError, match="batch_size 4 is larger than the dataset \\(3 samples\\)"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", batch_size=4))
+    with pytest.raises(ValueError, match="target_modules: qproj not found.*Valid names: down_proj, gate_proj"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", target_modules="qproj"))
+    with pytest.raises(ValueError, match="prepared with config_path 'acestep-v15-turbo'.*'acestep-v15-base'"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", config_path="acestep-v15-base"))
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", lora_rank=0))
+
+
+def test_missing_tensor_file_named(tiny_ckpt, tensors, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tensors, copy)
+    victim = json.load(open(copy / "manifest.json"))["samples"][0]
+    os.remove(copy / victim)
+    with pytest.raises(FileNotFoundError, match=f"'{victim}' listed in manifest.json is missing"):
+        train_lora(config(tiny_ckpt, str(copy), tmp_path / "o"))
+
+
+def test_mlp_targets_and_base_variant(tiny_ckpt, tmp_path):
+    out = str(tmp_path / "t")
+    prepare_dataset([item("a", 1.0)], out, PrepareSettings(tiny_ckpt, "acestep-v15-base", device="cpu"))
+    result = train_lora(config(tiny_ckpt, out, tmp_path / "run", config_path="acestep-v15-base", train_epochs=2,
+                               target_modules="q_proj,gate_proj,down_proj", save_every_n_epochs=0))
+    tensors_, meta = read_comfy_lora(result.comfy_lora_path)
+    assert meta["acestep_lora.timestep_sampling"] == "logit_normal" and meta["acestep_lora.variant"] == "base"
+    assert any(".mlp.gate_proj.lora_A" in k for k in tensors_) and not any("k_proj" in k for k in tensors_)
+
+
+def test_padded_batch_equals_samples_alone(tiny_ckpt):
+    """With key-padding masks, each sample of a padded batch gets exactly its unpadded result."""
+    decoder = load_dit(tiny_ckpt).decoder.eval()
+    g = torch.Generator().manual_seed(0)
+    lengths, tokens = [21, 14], [9, 5]
+    xs = [torch.randn(n, 64, generator=g) for n in lengths]
+    cs = [torch.randn(n, 128, generator=g) for n in lengths]
+    es = [torch.randn(m, 64, generator=g) for m in tokens]
+    t = torch.tensor([0.7, 0.3])
+    pad = lambda seqs: torch.stack([torch.nn.functional.pad(s, (0, 0, 0, max(len(x) for x in seqs) - len(s)))
+                                    for s in seqs])
+    frame_mask = torch.tensor([[1.0] * 21, [1.0] * 14 + [0.0] * 7])
+    enc_mask = torch.tensor([[1.0] * 9, [1.0] * 5 + [0.0] * 4])
+    with torch.no_grad():
+        batch = decoder(hidden_states=pad(xs), timestep=t, timestep_r=t, attention_mask=frame_mask,
+                        encoder_hidden_states=pad(es), encoder_attention_mask=enc_mask, context_latents=pad(cs),
+                        mask_padding=True)[0]
+        for i in range(2):
+            alone = decoder(hidden_states=xs[i][None], timestep=t[i:i + 1], timestep_r=t[i:i + 1],
+                            encoder_hidden_states=es[i][None], context_latents=cs[i][None])[0]
+            assert torch.allclose(batch[i, :lengths[i]], alone[0], atol=1e-5)
+        unmasked = decoder(hidden_states=pad(xs), timestep=t, timestep_r=t, encoder_hidden_states=pad(es),
+                           context_latents=pad(cs))[0]
+    assert not torch.allclose(unmasked[1, :14], batch[1, :14], atol=1e-4)  # the masks matter
