@@ -247,8 +247,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        model = load_dit(cfg.checkpoint_dir, cfg.config_path, device=self.device, dtype=self.dtype,
-                         components=("decoder", "null_condition_emb"))
+        model = self._load_model()
         self.null_condition = model.null_condition_emb.detach()
         decoder = model.decoder
         self.targets = parse_targets(cfg.target_modules, decoder_linear_names(decoder))
@@ -263,9 +262,10 @@ class Trainer:
         for p in self.params:  # LoRA weights (and so AdamW state) stay fp32 whatever the compute dtype
             p.data = p.data.float()
 
-        fused = self.device.type == "cuda"
+        # Fused AdamW (CUDA, CPU): one kernel for all parameters, no per-parameter .item() host syncs.
+        fused = self.device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           fused=fused or None)
+                                           fused=fused or None, foreach=None if fused else True)
         self.batches_per_epoch = math.ceil(len(self.data) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation)
         self.total_steps = self.steps_per_epoch * cfg.train_epochs
@@ -277,6 +277,11 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.turbo_table = torch.tensor(TURBO_SHIFT3_TIMESTEPS, device=self.device, dtype=self.dtype)
         self.data.to(self.device, self.dtype)
+
+    def _load_model(self):
+        """Only what training needs: the decoder and the null condition (no encoder, tokenizer, VAE, LM)."""
+        return load_dit(self.cfg.checkpoint_dir, self.cfg.config_path, device=self.device, dtype=self.dtype,
+                        components=("decoder", "null_condition_emb"))
 
     def _use_checkpointing(self) -> bool:
         mode = self.cfg.gradient_checkpointing
@@ -505,7 +510,7 @@ class Trainer:
     def _optimizer_step(self, step_loss: torch.Tensor):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
