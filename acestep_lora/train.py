@@ -87,6 +87,8 @@ class TrainResult:
     final_loss: float
     log: str
     run_id: str
+    summary: str = ""
+    trigger_tag: str = ""
     history: list = field(default_factory=list)
 
 
@@ -576,11 +578,11 @@ class Trainer:
 
     def _diverged(self, where: str, loss: float):
         self.pending_steps, self.pending_epochs = [], []
-        last = [d for d in find_checkpoints(self.cfg.output_dir)]
+        saved = find_checkpoints(self.cfg.output_dir)
+        last = max(saved, key=_checkpoint_rank) if saved else "none was saved yet"
         raise TrainingStopped(
             f"the loss became {loss} at {where}: training diverged and was stopped. Lower learning_rate (now "
-            f"{self.cfg.learning_rate}) or check the data. The last good checkpoint is kept: "
-            f"{last[-1] if last else 'none was saved yet'}.")
+            f"{self.cfg.learning_rate}) or check the data. The last good checkpoint is kept: {last}.")
 
     def _rewrite_jsonl(self):
         text = "".join(json.dumps(e) + "\n" for e in self.epoch_log)
@@ -620,7 +622,8 @@ class Trainer:
         self.log_lines.append(summary)
         print(f"[ACE-Step LoRA] {summary}")
         return TrainResult(cfg.output_dir, os.path.join(final_dir, "adapter"), comfy_path, cfg.train_epochs,
-                           self.step, final_loss, _compact_log(self.log_lines), self.run_id, self.history)
+                           self.step, final_loss, _compact_log(self.log_lines), self.run_id, summary,
+                           self.trigger_tag, self.history)
 
 
 def _fmt_seconds(seconds) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import time
 
+from tqdm import tqdm
+
 from ..acestep_lora.device import DEVICE_CHOICES
 from ..acestep_lora.train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainConfig, train_lora
 from . import comfy
@@ -112,15 +114,20 @@ class TrainLoRA:
             gradient_checkpointing=gradient_checkpointing, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
             trigger_tag=trigger_tag, loras_dir=comfy.loras_directory(), device=device)
         comfy.free_memory()
-        bar = None
+        bar = console = None
         run = RUNS.setdefault(str(unique_id), {})
         run.update(points=[], started=time.time(), done=False)
         last_preview = [0.0]
 
         def progress(info):
-            nonlocal bar
+            nonlocal bar, console
             if bar is None:
                 bar = comfy.Progress(info["total_steps"], node_id=unique_id)
+                console = tqdm(total=info["total_steps"], initial=info["step"] - 1, desc="ACE-Step LoRA", unit="step",
+                               dynamic_ncols=True)
+            console.update(info["step"] - console.n)
+            if "loss" in info:
+                console.set_postfix(loss=f"{info['loss']:.4f}", epoch=info["epoch"], refresh=False)
             preview = None
             if info["new_points"]:
                 run["points"].extend(info["new_points"])
@@ -137,17 +144,18 @@ class TrainLoRA:
             result = train_lora(cfg, progress=progress, check_cancel=comfy.check_interrupt)
         finally:
             run["done"] = True
+            if console is not None:
+                console.close()
         loras_dir = comfy.loras_directory()
         lora_info = {
             "path": result.adapter_dir, "scale": 1.0, "comfy_lora_path": result.comfy_lora_path,
             "comfy_lora_name": os.path.relpath(result.comfy_lora_path, loras_dir)
             if result.comfy_lora_path.startswith(loras_dir) else os.path.basename(result.comfy_lora_path),
             "rank": lora_rank, "alpha": lora_alpha, "config_path": config_path, "target_modules": target_modules,
-            "trigger_tag": trigger_tag, "epochs": result.epochs, "steps": result.steps,
+            "trigger_tag": result.trigger_tag, "epochs": result.epochs, "steps": result.steps,
             "final_loss": result.final_loss, "output_dir": result.output_dir,
         }
-        return {"ui": {"text": [result.log.splitlines()[-3] if result.log else ""]},
-                "result": (lora_info, result.log)}
+        return {"ui": {"text": [result.summary]}, "result": (lora_info, result.log)}
 
 
 NODE_CLASS_MAPPINGS = {"ACEStepLoRA_Train": TrainLoRA}
