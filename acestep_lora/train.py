@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import lora
 from .checkpoint import dit_dir, load_config, load_dit
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory, resolve_device
@@ -244,8 +245,6 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _build(self):
-        from peft import LoraConfig, get_peft_model
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -253,16 +252,12 @@ class Trainer:
         self.null_condition = model.null_condition_emb.detach()
         decoder = model.decoder
         self.targets = parse_targets(cfg.target_modules, decoder_linear_names(decoder))
-        lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=self.targets, bias="none", init_lora_weights=True,
-                                 task_type="FEATURE_EXTRACTION")
-        self.peft_model = get_peft_model(decoder, lora_config, autocast_adapter_dtype=True)
-        self.net = self.peft_model.get_base_model()  # the decoder with LoRA layers injected
+        # LoRA weights (and so AdamW state) are fp32 whatever the compute dtype; the frozen base stays as loaded.
+        self.lora_layers = lora.inject(decoder, self.targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        self.net = decoder
         self.net.gradient_checkpointing = self._use_checkpointing()
         self.net.train()
-        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        for p in self.params:  # LoRA weights (and so AdamW state) stay fp32 whatever the compute dtype
-            p.data = p.data.float()
+        self.params = lora.lora_parameters(self.lora_layers)
 
         # Fused AdamW (CUDA, CPU): one kernel for all parameters, no per-parameter .item() host syncs.
         fused = self.device.type in ("cuda", "cpu")
@@ -371,7 +366,8 @@ class Trainer:
         """adapter/ (PEFT) + training_state.pt + a ComfyUI file, swapped in as one folder."""
         dtype = getattr(torch, self.cfg.comfy_dtype)
         with atomic_directory(directory) as tmp:
-            self.peft_model.save_pretrained(os.path.join(tmp, "adapter"))
+            lora.save_peft_adapter(os.path.join(tmp, "adapter"), self.lora_layers, self.targets, self.cfg.lora_rank,
+                                   self.cfg.lora_alpha, self.cfg.lora_dropout)
             torch.save(state, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, "checkpoint.json"), "w", encoding="utf-8") as f:
                 json.dump({"run_id": state["run_id"], "epoch": state["epoch"], "global_step": state["global_step"],
@@ -380,12 +376,9 @@ class Trainer:
                             self._metadata(state["epoch"]), dtype)
 
     def _pairs(self) -> dict:
-        from peft import get_peft_model_state_dict
-
-        return lora_pairs(get_peft_model_state_dict(self.peft_model))
+        return lora_pairs(lora.peft_state_dict(self.lora_layers))
 
     def _resume(self):
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         state = _read_state(self.resume_dir)
@@ -397,10 +390,10 @@ class Trainer:
             raise ValueError(f"resume_from '{self.resume_dir}' was trained with other settings ({'; '.join(diffs)}). "
                              "Use the checkpoint's settings to continue it, or leave resume_from empty for a new run.")
         weights = load_file(os.path.join(self.resume_dir, "adapter", "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.peft_model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"resume_from '{self.resume_dir}': adapter keys not in the model: "
-                             f"{result.unexpected_keys[:3]}")
+        try:
+            lora.load_peft_state_dict(self.lora_layers, weights)
+        except ValueError as e:
+            raise ValueError(f"resume_from '{self.resume_dir}': {e}") from None
         loaded = self._pairs()
         for module, ab in lora_pairs(weights).items():  # prove the weights really arrived (see spec §4.6)
             if not torch.equal(loaded[module]["A"].cpu().float(), ab["A"].float()):

@@ -115,7 +115,8 @@ def training_tflops(cfg: AceStepConfig, batch: int, frames: int, tokens: int, ra
 
 
 def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames: int, tokens: int, rank: int, *,
-                 checkpointing: str = "off", device: str = "auto") -> RandomWeightTrainer:
+                 checkpointing: str = "off", device: str = "auto", dtype=None,
+                 trainer_class=None) -> RandomWeightTrainer:
     from acestep_lora.train import TrainConfig
 
     ckpt = os.path.join(workdir, "ckpt")
@@ -125,7 +126,9 @@ def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames: int, toke
     tc = TrainConfig(tensor_dir=tensors, checkpoint_dir=ckpt, output_dir=os.path.join(workdir, f"run_{time.time_ns()}"),
                      lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.1, batch_size=batch, train_epochs=10 ** 6,
                      save_every_n_epochs=0, gradient_checkpointing=checkpointing, device=device)
-    trainer = RandomWeightTrainer(tc)
+    trainer = (trainer_class or RandomWeightTrainer)(tc)
+    if dtype is not None:  # e.g. bf16 autocast on a CPU, to mirror the CUDA code path
+        trainer.dtype = dtype
     trainer._build()
     trainer.run_id, trainer.step, trainer.history, trainer.epoch_log = "bench", 0, [], []
     trainer.pending_steps, trainer.pending_epochs, trainer.log_lines = [], [], []

@@ -6,7 +6,8 @@ The official step is launch-bound on an H100 (~8,450 kernel launches per step, ~
 ~60 ms of GPU work). The number of ATen operations the dispatcher runs per optimizer step (forward, backward,
 clipping, AdamW) tracks that cost and can be counted on a CPU, so regressions show up without a GPU. Counted on
 a tiny-width (hidden 64), full-depth (24 DiT layers) config, 1 x 1500 frames, encoder length 769, LoRA r=8 on
-q/k/v/o, dropout 0.1 — the structure of the real step at a size a CPU runs in a second.
+q/k/v/o, dropout 0.1, base weights in bf16 under bf16 autocast with fp32 LoRA weights — the structure and the
+dtype handling of the CUDA step, at a size a CPU runs in a second.
 """
 import argparse
 import collections
@@ -39,11 +40,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(frames: int = 1500, layers: int = 24, rank: int = 8, checkpointing: str = "off"):
+def count_step(frames: int = 1500, layers: int = 24, rank: int = 8, checkpointing: str = "off",
+               dtype=torch.bfloat16, trainer_class=None):
+    """Ops of one step. bf16 by default: base weights bf16, LoRA fp32, bf16 autocast — the CUDA code path."""
     cfg = tiny_dit_config("turbo", num_hidden_layers=layers)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(workdir, cfg, 1, frames, ENCODER_LENGTH, rank, checkpointing=checkpointing,
-                               device="cpu")
+                               device="cpu", dtype=dtype, trainer_class=trainer_class)
         train_step(trainer)  # optimizer state exists after the first step
         with OpCounter() as counter:
             train_step(trainer)
@@ -57,7 +60,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     total, kernels, top = count_step()
-    lines = [f"ATen ops per training step (tiny width, 24 layers, 1 x 1500, r=8): {total} dispatched, "
+    lines = [f"ATen ops per training step (tiny width, 24 layers, 1 x 1500, r=8, bf16 autocast): {total} dispatched, "
              f"{kernels} that launch kernels", "", "| op | count |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in top.most_common(15)]
     text = "\n".join(lines)

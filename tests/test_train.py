@@ -185,10 +185,10 @@ def test_resume_restores_lora_weights(tiny_ckpt, tensors, tmp_path, monkeypatch)
     train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
     trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, resume_from="latest"))
     trainer._build()
-    fresh_b = [p.detach().clone() for n, p in trainer.peft_model.named_parameters() if "lora_B" in n]
+    fresh_b = [layer.lora_B.detach().clone() for layer in trainer.lora_layers.values()]
     assert all(bool((b == 0).all()) for b in fresh_b)
     trainer._resume()
-    loaded_b = [p for n, p in trainer.peft_model.named_parameters() if "lora_B" in n]
+    loaded_b = [layer.lora_B for layer in trainer.lora_layers.values()]
     assert all(bool((b != 0).any()) for b in loaded_b)
     assert trainer.resume_dir.endswith("final")  # latest = the most optimizer steps
 
