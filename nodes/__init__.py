@@ -1,5 +1,6 @@
 """ComfyUI node wrappers. No ML logic here: parse inputs, call acestep_lora, report progress, return outputs."""
 from . import prepare, samples, train
+from . import routes  # noqa: F401  live-chart HTTP routes; registers only inside a running ComfyUI
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -4,6 +4,7 @@ Each hook degrades to a plain fallback when ComfyUI is absent, so the nodes also
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -47,6 +48,20 @@ def resolve_input_path(path: str) -> str:
     return path
 
 
+def resolve_checkpoint_dir(path: str) -> str:
+    """The checkpoint folder a user typed: absolute or ~ as is; a relative path is tried against the current
+    folder, ComfyUI's base folder and its models folder (so "models/Ace-Step1.5" works in every ComfyUI build)."""
+    path = os.path.expanduser((path or "").strip())
+    if os.path.isabs(path) or os.path.isdir(path):
+        return path
+    fp = _folder_paths()
+    if fp is not None:
+        for base in (getattr(fp, "base_path", None), fp.models_dir):
+            if base and os.path.isdir(os.path.join(base, path)):
+                return os.path.join(base, path)
+    return path
+
+
 def default_checkpoint_dir() -> str:
     """Where the kaola pack's users keep the official download: <ComfyUI models>/Ace-Step1.5."""
     return os.path.join(models_directory(), "Ace-Step1.5")
@@ -84,8 +99,20 @@ def free_memory() -> None:
     mm.soft_empty_cache()
 
 
+def _json_safe(value):
+    """NaN/inf are not JSON: the browser would reject the whole message."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def send_event(event: str, data: dict, sid: Optional[str] = None) -> None:
     """Push a JSON message to the browser (the live training chart listens for it)."""
+    data = _json_safe(data)
     try:
         from server import PromptServer  # type: ignore
     except ImportError:

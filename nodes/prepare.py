@@ -121,9 +121,9 @@ class PrepareTrainingData:
                 items.append(PrepareItem(name=name, waveform=waveform, sample_rate=rate, **meta))
 
         bar = comfy.Progress(max(1, count), node_id=unique_id)
-        settings = PrepareSettings(checkpoint_dir=os.path.expanduser(checkpoint_dir.strip()), config_path=config_path,
-                                   device=device, custom_tag=custom_tag, tag_position=tag_position,
-                                   max_duration=max_duration)
+        settings = PrepareSettings(checkpoint_dir=comfy.resolve_checkpoint_dir(checkpoint_dir),
+                                   config_path=config_path, device=device, custom_tag=custom_tag,
+                                   tag_position=tag_position, max_duration=max_duration)
 
         def progress(done, total, message):
             bar.set(done)

@@ -105,8 +105,8 @@ class TrainLoRA:
               warmup_steps=100, max_grad_norm=1.0, trigger_tag="", device="auto", unique_id=None):
         out_dir = comfy.resolve_under_output(output_dir)
         cfg = TrainConfig(
-            tensor_dir=comfy.resolve_under_output(tensor_dir), checkpoint_dir=os.path.expanduser(checkpoint_dir),
-            output_dir=out_dir, config_path=config_path, lora_rank=lora_rank, lora_alpha=float(lora_alpha),
+            tensor_dir=comfy.resolve_under_output(tensor_dir),
+            checkpoint_dir=comfy.resolve_checkpoint_dir(checkpoint_dir), output_dir=out_dir, config_path=config_path, lora_rank=lora_rank, lora_alpha=float(lora_alpha),
             lora_dropout=lora_dropout, learning_rate=learning_rate, train_epochs=train_epochs,
             batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             save_every_n_epochs=save_every_n_epochs, seed=seed, resume_from=resume_from,

@@ -198,3 +198,19 @@ def test_second_run_with_same_name_does_not_replace_the_first_file(comfy, tiny_c
     second = train.train(**train_args(prepared, tiny_ckpt, output_dir="other/mylora"))["result"][0]
     assert first["comfy_lora_path"] != second["comfy_lora_path"]
     assert second["comfy_lora_path"].endswith("mylora_2.safetensors") and os.path.isfile(first["comfy_lora_path"])
+
+
+def test_relative_checkpoint_dir_resolves_against_comfyui_folders(comfy, tiny_ckpt, tmp_path):
+    os.symlink(tiny_ckpt, os.path.join(comfy.models, "Ace-Step1.5"))
+    f = write_wav(str(tmp_path / "a.wav"))
+    for typed in ("models/Ace-Step1.5", "Ace-Step1.5"):
+        out = call_prepare(comfy, typed, audio_files=f, captions="c", output_dir=f"t_{typed.replace('/', '_')}")
+        assert "Prepared 1 samples" in out["result"][1]
+
+
+def test_live_events_are_json_safe(comfy):
+    module = node_module(comfy, "comfy")
+    module.send_event("acestep_lora.training", {"eta": float("nan"), "points": [[1, float("inf"), 0.1]]})
+    event = comfy.server.messages[-1][1]
+    assert event["eta"] is None and event["points"] == [[1, None, 0.1]]
+    json.dumps(event, allow_nan=False)

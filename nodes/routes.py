@@ -1,0 +1,123 @@
+"""HTTP routes for the live training chart (web/acestep_lora.js): the loss history of each Train node.
+
+The websocket event ``acestep_lora.training`` only carries the points since the previous message, so a browser
+page opened or reloaded mid-training asks for the whole curve here:
+
+* ``GET /acestep_lora/training`` -> ``{"runs": {"<node id>": summary}}``; always 200, ``{"runs": {}}`` when idle.
+* ``GET /acestep_lora/training/{node_id}[?since=<step>]`` -> ``summary + {"points": [[step, loss, lr], ...]}``
+  (only points after ``since`` when given); 404 ``{"error": ..., "node": ...}`` when that node never trained.
+
+summary = ``{"node", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed", "eta", "started",
+"done", "num_points"}``; ``loss``/``lr`` are the last point's; a value that is not a finite number is ``null``
+(JSON has no NaN, and the browser's JSON.parse rejects it). ComfyUI serves each route also under ``/api``, which
+is what the frontend's ``api.fetchApi`` uses.
+
+Registered at import when ComfyUI's ``server.PromptServer.instance.routes`` exists; otherwise (tests, scripts, the
+headless stand-in whose ``routes`` is None) importing this module does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+from .train import RUNS
+
+BASE = "/acestep_lora/training"
+SUMMARY_KEYS = ("step", "total_steps", "epoch", "total_epochs", "elapsed", "eta", "started", "done")
+
+log = logging.getLogger(__name__)
+_registered = False
+
+
+def _finite(value):
+    """JSON-safe number: NaN and +-inf become None; ints, bools and None pass through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _point(p) -> list:
+    return [_finite(v) for v in p]
+
+
+def summary(node_id: str, run: dict) -> dict:
+    points = run.get("points") or []
+    last = points[-1] if points else None
+    out = {"node": str(node_id)}
+    out.update({k: _finite(run.get(k)) for k in SUMMARY_KEYS})
+    out["done"] = bool(run.get("done", False))
+    out["loss"] = _finite(last[1]) if last is not None and len(last) > 1 else None
+    out["lr"] = _finite(last[2]) if last is not None and len(last) > 2 else None
+    out["num_points"] = len(points)
+    return out
+
+
+def all_runs() -> dict:
+    return {"runs": {str(node_id): summary(node_id, run) for node_id, run in list(RUNS.items())}}
+
+
+def history(node_id: str, since: Optional[float] = None) -> Optional[dict]:
+    """Summary plus the points (after step ``since`` when given); None when the node has no run."""
+    run = RUNS.get(str(node_id))
+    if run is None:
+        return None
+    points = list(run.get("points") or [])  # a copy: the training thread keeps appending
+    if since is not None:
+        points = [p for p in points if p[0] > since]
+    return dict(summary(node_id, run), points=[_point(p) for p in points], since=since)
+
+
+def _parse_since(text: Optional[str]) -> Optional[float]:
+    if text in (None, ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def register(routes, web) -> None:
+    """Add the two GET routes to an aiohttp ``RouteTableDef``-like ``routes``; ``web`` is ``aiohttp.web``."""
+
+    @routes.get(BASE)
+    async def training_runs(request):
+        return web.json_response(all_runs())
+
+    @routes.get(BASE + "/{node_id}")
+    async def training_history(request):
+        node_id = request.match_info["node_id"]
+        data = history(node_id, _parse_since(request.query.get("since")))
+        if data is None:
+            return web.json_response({"error": f"no training run for node {node_id}", "node": node_id},
+                                     status=404)
+        return web.json_response(data)
+
+
+def _install() -> bool:
+    """Register with ComfyUI's server when it is running; never raises (the pack must import anywhere)."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from server import PromptServer  # type: ignore
+    except ImportError:
+        return False
+    routes = getattr(getattr(PromptServer, "instance", None), "routes", None)
+    if routes is None:
+        return False
+    try:
+        from aiohttp import web
+    except ImportError:
+        return False
+    try:
+        register(routes, web)
+    except Exception:  # a broken route must not stop the nodes from loading
+        log.exception("[ACE-Step LoRA] could not register %s routes; the live chart will not survive a reload", BASE)
+        return False
+    _registered = True
+    return True
+
+
+_install()

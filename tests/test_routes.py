@@ -1,0 +1,123 @@
+"""nodes/routes.py: the HTTP side of the live training chart (GET /acestep_lora/training[/<node id>])."""
+import asyncio
+import json
+import sys
+import types
+
+import pytest
+
+from test_nodes_pipeline import call_prepare, node_module, train_args, write_wav
+
+
+class FakeRoutes:
+    """Records what ``@routes.get(path)`` registers, like aiohttp's RouteTableDef."""
+
+    def __init__(self):
+        self.handlers = {}
+
+    def get(self, path):
+        def decorator(fn):
+            assert path not in self.handlers, f"{path} registered twice"
+            self.handlers[path] = fn
+            return fn
+        return decorator
+
+
+class FakeWeb:
+    """aiohttp.web.json_response, but strict: JSON with NaN (which the browser's JSON.parse rejects) fails."""
+
+    @staticmethod
+    def json_response(data, status=200):
+        return types.SimpleNamespace(status=status, data=json.loads(json.dumps(data, allow_nan=False)))
+
+
+def call(handler, node_id=None, **query):
+    request = types.SimpleNamespace(match_info={"node_id": node_id} if node_id is not None else {}, query=query)
+    return asyncio.run(handler(request))
+
+
+@pytest.fixture()
+def routes(comfy):
+    module = node_module(comfy, "routes")
+    table = FakeRoutes()
+    module.register(table, FakeWeb)
+    module.RUNS.clear()
+    yield module, table
+    module.RUNS.clear()
+
+
+def test_headless_import_registers_nothing(comfy):
+    """scripts/headless.py's PromptServer has routes = None: importing the pack must work and do nothing."""
+    module = node_module(comfy, "routes")
+    assert comfy.server.routes is None
+    assert module._registered is False
+    assert module._install() is False
+
+
+def test_install_registers_on_comfyui_server(comfy, monkeypatch):
+    module = node_module(comfy, "routes")
+    table = FakeRoutes()
+    monkeypatch.setattr(comfy.server, "routes", table)
+    monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=FakeWeb))
+    monkeypatch.setattr(module, "_registered", False)
+    assert module._install() is True
+    assert set(table.handlers) == {"/acestep_lora/training", "/acestep_lora/training/{node_id}"}
+    assert module._install() is True and len(table.handlers) == 2  # idempotent
+
+
+def test_install_without_aiohttp_or_server_is_quiet(comfy, monkeypatch):
+    module = node_module(comfy, "routes")
+    monkeypatch.setattr(module, "_registered", False)
+    monkeypatch.setattr(comfy.server, "routes", FakeRoutes())
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # import fails
+    assert module._install() is False
+    monkeypatch.delitem(sys.modules, "server")
+    monkeypatch.setitem(sys.modules, "server", None)
+    assert module._install() is False
+
+
+def test_summary_and_history(routes):
+    module, table = routes
+    runs, one = table.handlers["/acestep_lora/training"], table.handlers["/acestep_lora/training/{node_id}"]
+    assert call(runs).data == {"runs": {}}
+    missing = call(one, "12")
+    assert missing.status == 404 and missing.data["node"] == "12" and "error" in missing.data
+
+    module.RUNS["12"] = {"points": [[1, 0.5, 1e-4], [2, 0.4, 2e-4], [3, float("nan"), 3e-4]], "step": 3,
+                         "total_steps": 10, "epoch": 1, "total_epochs": 5, "eta": float("nan"), "elapsed": 2.5,
+                         "started": 1700000000.5, "done": False}
+    summary = call(runs).data["runs"]["12"]
+    assert summary == {"node": "12", "step": 3, "total_steps": 10, "epoch": 1, "total_epochs": 5, "elapsed": 2.5,
+                       "eta": None, "started": 1700000000.5, "done": False, "loss": None, "lr": 3e-4,
+                       "num_points": 3}
+    full = call(one, "12")
+    assert full.status == 200
+    assert full.data["points"] == [[1, 0.5, 1e-4], [2, 0.4, 2e-4], [3, None, 3e-4]]
+    assert full.data["since"] is None and full.data["step"] == 3
+    assert call(one, "12", since="1").data["points"] == [[2, 0.4, 2e-4], [3, None, 3e-4]]
+    assert call(one, "12", since="3").data["points"] == []
+    assert call(one, "12", since="junk").data["since"] is None  # ignored, full history
+    # a run that was just created has no points yet
+    module.RUNS["13"] = {"points": [], "started": 1.0, "done": False}
+    assert call(runs).data["runs"]["13"]["num_points"] == 0 and call(one, "13").data["points"] == []
+
+
+def test_history_matches_what_the_websocket_sent(comfy, tiny_ckpt, tmp_path, routes):
+    """A real (tiny) training run through the Train node: the route returns exactly the websocket points."""
+    module, table = routes
+    files = [write_wav(str(tmp_path / f"{i}.wav"), seconds=1.0) for i in range(2)]
+    tensors = call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b")["result"][0]
+    node_module(comfy, "train").TrainLoRA().train(**train_args(tensors, tiny_ckpt, train_epochs=2, unique_id="21"))
+    sent = [m[1] for m in comfy.server.messages if m[0] == "acestep_lora.training" and m[1]["node"] == "21"]
+    points = [p for m in sent for p in m["points"]]
+    history = call(table.handlers["/acestep_lora/training/{node_id}"], "21").data
+    assert history["points"] == [list(p) for p in points] and len(points) == 4
+    assert history["done"] is True and history["step"] == history["total_steps"] == 4
+    assert history["started"] is not None and history["total_epochs"] == 2
+    summary = call(table.handlers["/acestep_lora/training"]).data["runs"]["21"]
+    assert summary["num_points"] == 4 and summary["loss"] == points[-1][1]
+    # every websocket message carries the keys the chart reads
+    for m in sent:
+        assert {"node", "points", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed",
+                "eta"} <= set(m)
+
