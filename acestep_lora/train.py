@@ -16,6 +16,7 @@ Follows the official trainer's objective and schedule, and fixes what it gets wr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -195,16 +196,49 @@ class Trainer:
         self.model_cfg = load_config(cfg.checkpoint_dir, cfg.config_path)
         self.data = TensorDataset(cfg.tensor_dir)
         self._check_dataset()
-        self.resume_dir = resolve_resume(cfg.resume_from, cfg.output_dir)
-        if self.resume_dir is None and (find_checkpoints(cfg.output_dir)
-                                        or os.path.isdir(os.path.join(cfg.output_dir, "final"))):
-            raise FileExistsError(
-                f"output_dir '{cfg.output_dir}' already holds a training run. Set resume_from to 'latest' to "
-                "continue it, or choose another output_dir for a new run (nothing was overwritten).")
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = cfg.lora_name.strip() or os.path.basename(os.path.normpath(cfg.output_dir)) or "acestep_lora"
         self.lora_name = re.sub(r"[^\w.-]+", "_", self.lora_name)
         self.trigger_tag = cfg.trigger_tag or (self.data.manifest.get("metadata") or {}).get("custom_tag", "")
+        self.resume_dir = resolve_resume(cfg.resume_from, cfg.output_dir)
+        self.finished_state = None
+        if self.resume_dir is None:
+            self._check_fresh_output_dir()
+
+    def _signature(self) -> dict:
+        """Everything that determines the trained LoRA: same signature, same result."""
+        c = self.cfg
+        samples = self.data.manifest.get("samples_info") or self.data.manifest.get("samples")
+        return {"config_path": os.path.basename(os.path.normpath(c.config_path)), "lora_rank": c.lora_rank,
+                "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout, "learning_rate": c.learning_rate,
+                "train_epochs": c.train_epochs, "batch_size": c.batch_size,
+                "gradient_accumulation": c.gradient_accumulation, "seed": c.seed,
+                "target_modules": sorted({t.strip() for t in c.target_modules.split(",") if t.strip()}),
+                "timestep_sampling": self.sampling, "cfg_dropout": c.cfg_dropout, "warmup_steps": c.warmup_steps,
+                "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
+                "dataset": hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest()[:16]}
+
+    def _check_fresh_output_dir(self):
+        """A finished run with exactly these settings is reused (re-queuing a workflow must not fail or retrain);
+        anything else in output_dir is never overwritten."""
+        cfg = self.cfg
+        final = os.path.join(cfg.output_dir, "final")
+        if os.path.isfile(os.path.join(final, STATE_FILE)):
+            state = _read_state(final)
+            if state.get("signature") == self._signature():
+                self.finished_state = state
+                return
+            old = state.get("signature") or {}
+            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._signature().items() if old.get(k) != v]
+            raise FileExistsError(
+                f"output_dir '{cfg.output_dir}' already holds a finished run with other settings "
+                f"({'; '.join(changed[:4]) or 'unknown'}). Choose another output_dir for a new run, or set "
+                "resume_from to 'latest' to continue this one (e.g. after raising train_epochs). Nothing was "
+                "overwritten.")
+        if find_checkpoints(cfg.output_dir):
+            raise FileExistsError(
+                f"output_dir '{cfg.output_dir}' already holds an unfinished training run. Set resume_from to "
+                "'latest' to continue it, or choose another output_dir for a new run (nothing was overwritten).")
 
     # -- validation --------------------------------------------------------------------------------------------
     def _validate_numbers(self):
@@ -345,7 +379,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng, "data_rng": self.data_gen.get_state(), "history": self.history,
             "epoch_log": self.epoch_log, "epoch_loss": self.epoch_loss_snapshot,
-            "identity": self._identity(),
+            "identity": self._identity(), "signature": self._signature(),
             "settings": {"lora_dropout": c.lora_dropout, "learning_rate": c.learning_rate,
                          "train_epochs": c.train_epochs, "batch_size": c.batch_size,
                          "gradient_accumulation": c.gradient_accumulation, "seed": c.seed,
@@ -412,6 +446,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
+        if self.finished_state is not None:
+            return self._reuse_finished()
         if self.device.type == "cpu":
             # Adam's second moments of the still-tiny LoRA gradients become denormal floats, which make CPU
             # arithmetic ~50x slower; flushing them to zero changes nothing measurable.
@@ -619,6 +655,26 @@ class Trainer:
                            self.trigger_tag, self.history)
 
 
+    def _reuse_finished(self) -> TrainResult:
+        state, cfg = self.finished_state, self.cfg
+        final_dir = os.path.join(cfg.output_dir, "final")
+        self.run_id = state["run_id"]
+        source = os.path.join(final_dir, f"{self.lora_name}.safetensors")
+        comfy_path = unique_path(cfg.loras_dir or cfg.output_dir, self.lora_name, same_run=self.run_id)
+        if not os.path.exists(comfy_path) and os.path.isfile(source):
+            shutil.copyfile(source, comfy_path + ".tmp")
+            os.replace(comfy_path + ".tmp", comfy_path)
+        log = state["epoch_log"]
+        final_loss = log[-1]["loss"] if log else float("nan")
+        summary = (f"already trained with these settings: reused {final_dir} (choose another output_dir, or delete "
+                   f"this one, to train again)\nPEFT adapter: {os.path.join(final_dir, 'adapter')}\n"
+                   f"ComfyUI LoRA: {comfy_path}")
+        print(f"[ACE-Step LoRA] {summary}")
+        return TrainResult(cfg.output_dir, os.path.join(final_dir, "adapter"), comfy_path, state["epoch"],
+                           state["global_step"], final_loss, summary, self.run_id, summary,
+                           state["settings"].get("trigger_tag", ""), list(state["history"]))
+
+
 def _fmt_seconds(seconds) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -640,8 +696,13 @@ def _compact_log(lines: list[str], keep: int = 60) -> str:
 
 def train_lora(cfg: TrainConfig, progress: Optional[Callable[[dict], None]] = None,
                check_cancel: Optional[Callable[[], None]] = None) -> TrainResult:
-    """Train (or resume) a LoRA; see TrainConfig. Returns where the PEFT adapter and ComfyUI file are."""
-    return Trainer(cfg, progress, check_cancel).run()
+    """Train (or resume) a LoRA; see TrainConfig. Returns where the PEFT adapter and ComfyUI file are.
+
+    ComfyUI runs every node under ``torch.inference_mode()``; training needs autograd and ordinary tensors, so
+    both are switched back on for the whole run (including loading the data and the model).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return Trainer(cfg, progress, check_cancel).run()
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -129,6 +129,7 @@ class PrepareTrainingData:
             bar.set(done)
             print(f"[ACE-Step LoRA] prepare {done}/{total}: {message}")
 
+        comfy.free_memory()  # ComfyUI's cached generation models out of the way of the VAE and encoders
         result = prepare_dataset(items, comfy.resolve_under_output(output_dir), settings, progress=progress,
                                  check_cancel=comfy.check_interrupt)
         return {"ui": {"text": [result.status]}, "result": (result.tensor_dir, result.status)}

@@ -28,6 +28,13 @@ CLIPS = [  # (caption, bpm given to the node (0 = detect), true bpm, style, key,
 
 
 def main():
+    import torch
+
+    with torch.inference_mode():  # ComfyUI runs every node under inference mode; so does the demo
+        run()
+
+
+def run():
     out = os.path.join(ROOT, "demo_output")
     state = headless.install(os.path.join(out, "comfyui"))
     pack = headless.load_pack()

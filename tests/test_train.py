@@ -215,10 +215,25 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_
 
 def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path):
     train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
-    before = sorted(os.listdir(tmp_path / "checkpoints"))
-    with pytest.raises(FileExistsError, match="already holds a training run.*resume_from"):
-        train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    before = {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")}
+    with pytest.raises(FileExistsError, match="finished run with other settings.*train_epochs 2 -> 3.*resume_from"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=1))
+    assert {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")} == before
+
+
+def test_unfinished_run_refuses_to_restart(tiny_ckpt, tensors, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(config(tiny_ckpt, tensors, tmp_path), check_cancel=lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(FileExistsError, match="unfinished training run.*'latest'"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path))
+
+
+def test_finished_run_with_same_settings_is_reused(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    first = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
+    monkeypatch.setattr(Trainer, "_build", lambda self: pytest.fail("retrained instead of reusing"))
+    again = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
+    assert again.adapter_dir == first.adapter_dir and again.comfy_lora_path == first.comfy_lora_path
+    assert again.steps == first.steps and losses(again) == losses(first) and "already trained" in again.log
 
 
 @pytest.mark.parametrize("change,pattern", [({"lora_rank": 16}, "lora_rank: checkpoint 8, now 16"),
