@@ -19,6 +19,11 @@ class Batch:
     encoder_mask: Optional[torch.Tensor]  # (B, L) 1 = real token; None when nothing is padded
     frames: int  # real (unpadded) frames in the batch, known on the host
 
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.target_latents), move(self.context_latents), move(self.encoder_hidden_states),
+                     move(self.frame_mask), move(self.encoder_mask), self.frames)
+
 
 class TensorDataset:
     """Every sample listed in ``manifest.json``, loaded once (``weights_only=True``) and checked."""
@@ -60,9 +65,15 @@ class TensorDataset:
     def condition_width(self) -> int:
         return self.samples[0]["encoder_hidden_states"].shape[-1]
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "TensorDataset":
-        """Stage all samples on the training device once, so the loop never copies host -> device."""
-        self.samples = [{k: v.to(device=device, dtype=dtype) for k, v in s.items()} for s in self.samples]
+    def to(self, device: torch.device, dtype: torch.dtype, max_device_bytes: int = 2 * 2 ** 30) -> "TensorDataset":
+        """Stage all samples on the training device once, so the loop never copies host -> device; a dataset
+        larger than ``max_device_bytes`` stays in pinned host memory and is copied batch by batch, asynchronously."""
+        on_device = device.type == "cpu" or self.bytes() * torch.finfo(dtype).bits // 32 <= max_device_bytes
+        target = device if on_device else torch.device("cpu")
+        self.samples = [{k: v.to(device=target, dtype=dtype) for k, v in s.items()} for s in self.samples]
+        if not on_device and device.type == "cuda":
+            self.samples = [{k: v.pin_memory() for k, v in s.items()} for s in self.samples]
+        self.staged_on_device = on_device
         return self
 
     def bytes(self) -> int:

@@ -332,6 +332,8 @@ class Trainer:
         return torch.sigmoid(draws * sigma + mu).amax(dim=0)  # t = max of two logit-normal draws, r = t
 
     def _loss(self, batch: Batch) -> torch.Tensor:
+        if batch.target_latents.device != self.device:  # dataset too large to stage on the GPU
+            batch = batch.to(self.device)
         x0 = batch.target_latents
         n = x0.shape[0]
         noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device, dtype=x0.dtype)

@@ -346,3 +346,19 @@ def test_padded_batch_equals_samples_alone(tiny_ckpt):
         unmasked = decoder(hidden_states=pad(xs), timestep=t, timestep_r=t, encoder_hidden_states=pad(es),
                            context_latents=pad(cs))[0]
     assert not torch.allclose(unmasked[1, :14], batch[1, :14], atol=1e-4)  # the masks matter
+
+
+def test_large_dataset_stays_on_host_and_trains(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    from acestep_lora import data as data_mod
+
+    original = data_mod.TensorDataset.to
+    monkeypatch.setattr(data_mod.TensorDataset, "to",
+                        lambda self, device, dtype, max_device_bytes=0: original(self, torch.device("meta"), dtype,
+                                                                                 max_device_bytes=0))
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path))
+    trainer._build()
+    assert trainer.data.staged_on_device is False and trainer.data.samples[0]["target_latents"].device.type == "cpu"
+    from acestep_lora.data import collate
+    batch = collate([trainer.data.samples[0]])
+    assert batch.to(torch.device("cpu")).target_latents.device.type == "cpu"
+    assert torch.isfinite(trainer._loss(batch))
