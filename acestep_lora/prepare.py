@@ -197,10 +197,10 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
     dtype = compute_dtype(device)
 
     resolved = [_resolve_metadata(item, settings) for item in items]
-    for r in resolved:  # every file must decode and be usable before anything is written
-        waveform, rate = _load_waveform(r.item)
-        if waveform.shape[-1] * 48000 // rate < 1920:
-            raise ValueError(f"sample '{r.item.name}' is shorter than one latent frame (40 ms); remove it.")
+    for r in resolved:
+        if r.item.path and not os.path.isfile(r.item.path):
+            raise FileNotFoundError(f"sample '{r.item.name}': audio file not found: '{r.item.path}'. Check the "
+                                    "path (relative paths are resolved against ComfyUI's input folder).")
         payload = {"audio": _content_hash(r.item), "caption": r.caption, "lyrics": r.lyrics, "bpm": r.bpm,
                    "keyscale": r.keyscale, "language": r.language, "timesignature": r.timesignature,
                    "max_duration": settings.max_duration, "checkpoint": fingerprint, "dtype": str(dtype),
@@ -209,34 +209,36 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
         stem = os.path.splitext(os.path.basename(r.item.path))[0] if r.item.path else r.item.name
         r.file = f"{_slug(stem)}_{r.key[:12]}.pt"
 
-    todo = [r for r in resolved if not _is_cached(os.path.join(output_dir, r.file), r.key)]
-    total_seconds = 0.0
+    metas = {r.file: m for r in resolved if (m := _cached_metadata(os.path.join(output_dir, r.file), r.key))}
+    todo = [r for r in resolved if r.file not in metas]
+    for r in todo:  # every sample to encode must decode and be usable before anything is written
+        waveform, rate = _load_waveform(r.item)
+        if waveform.shape[-1] * 48000 // rate < 1920:
+            raise ValueError(f"sample '{r.item.name}' is shorter than one latent frame (40 ms); remove it.")
+
     models = None
     try:
         for index, r in enumerate(resolved):
             if check_cancel is not None:
                 check_cancel()
-            path = os.path.join(output_dir, r.file)
             if r in todo:
                 if models is None:
                     models = _Models(settings, device, dtype)
                 if progress is not None:
                     progress(index, len(resolved), f"encoding {r.item.name}")
                 data = models.encode(r)
-                atomic_save(path, lambda p, d=data: torch.save(d, p))
+                atomic_save(os.path.join(output_dir, r.file), lambda p, d=data: torch.save(d, p))
+                metas[r.file] = data["metadata"]
             if progress is not None:
                 progress(index + 1, len(resolved), f"{'encoded' if r in todo else 'cached'} {r.item.name}")
-            total_seconds += torch.load(path, map_location="cpu", weights_only=True)["metadata"]["duration"]
     finally:
         if models is not None:
             del models
             release_memory(device)
 
-    samples_info = []
-    for r in resolved:
-        meta = torch.load(os.path.join(output_dir, r.file), map_location="cpu", weights_only=True)["metadata"]
-        samples_info.append({"file": r.file, "name": r.item.name, "duration": meta["duration"],
-                             "frames": meta["frames"], "caption": r.caption, "cache_key": r.key})
+    total_seconds = sum(metas[r.file]["duration"] for r in resolved)
+    samples_info = [{"file": r.file, "name": r.item.name, "duration": metas[r.file]["duration"],
+                     "frames": metas[r.file]["frames"], "caption": r.caption, "cache_key": r.key} for r in resolved]
     manifest = {
         "metadata": {"name": os.path.basename(os.path.normpath(output_dir)), "custom_tag": settings.custom_tag,
                      "tag_position": settings.tag_position, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -259,14 +261,17 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
                          total_seconds)
 
 
-def _is_cached(path: str, key: str) -> bool:
+def _cached_metadata(path: str, key: str) -> Optional[dict]:
+    """The metadata of a complete tensor file made from exactly this input, else None (missing, stale, damaged:
+    it is then encoded again and replaced atomically)."""
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        return data.get("metadata", {}).get("cache_key") == key and all(k in data for k in TENSOR_KEYS)
     except Exception:
-        return False  # damaged: it will be re-encoded and replaced atomically
+        return None
+    meta = data.get("metadata", {})
+    return meta if meta.get("cache_key") == key and all(k in data for k in TENSOR_KEYS) else None
 
 
 class _Models:

@@ -198,3 +198,15 @@ def test_progress_reports_every_sample(settings, tmp_path):
     prepare_dataset([item("a"), item("b")], str(tmp_path / "t"), settings,
                     progress=lambda done, total, msg: events.append((done, total)))
     assert (2, 2) in events and all(total == 2 for _, total in events)
+
+
+def test_cached_files_are_not_decoded_again(settings, tmp_path, monkeypatch):
+    path = str(tmp_path / "song.wav")
+    sf.write(path, tone(1.0).T.numpy(), 48000)
+    out = str(tmp_path / "t")
+    prepare_dataset([PrepareItem(name=path, path=path, caption="x")], out, settings)
+    decoded = []
+    original = prep.audio_io.load_audio_file
+    monkeypatch.setattr(prep.audio_io, "load_audio_file", lambda p: decoded.append(p) or original(p))
+    again = prepare_dataset([PrepareItem(name=path, path=path, caption="x")], out, settings)
+    assert again.reused == 1 and decoded == []  # only hashed, never decoded or encoded
