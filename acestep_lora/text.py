@@ -50,6 +50,10 @@ def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = to
 
     directory = require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR), "Text encoder")
     require_file(os.path.join(directory, "config.json"), "Text encoder config")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+        require_file(os.path.join(directory, "model.safetensors"), "Text encoder weights")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "vocab.json")):
+        require_file(os.path.join(directory, "tokenizer.json"), "Text encoder tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModel.from_pretrained(directory).to(dtype)
     if not hasattr(model, "embed_tokens"):

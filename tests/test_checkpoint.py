@@ -79,6 +79,14 @@ def test_missing_vae_and_text_encoder_named(ckpt_copy):
         load_text_encoder(ckpt_copy)
 
 
+@pytest.mark.parametrize("name,message", [("model.safetensors", "Text encoder weights"),
+                                          ("tokenizer.json", "Text encoder tokenizer")])
+def test_text_encoder_files_named(ckpt_copy, name, message):
+    os.remove(os.path.join(ckpt_copy, "Qwen3-Embedding-0.6B", name))
+    with pytest.raises(FileNotFoundError, match=f"{message} file not found.*{name}"):
+        load_text_encoder(ckpt_copy)
+
+
 def test_config_that_does_not_match_weights(ckpt_copy):
     path = os.path.join(ckpt_copy, "acestep-v15-turbo", "config.json")
     cfg = json.load(open(path))
