@@ -45,6 +45,15 @@ class TextEncoder:
         return self.model.embed_tokens(ids), torch.ones(ids.shape, device=ids.device)
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """Load straight into the target dtype (no fp32 copy of 0.6 B parameters first); the keyword was renamed in
+    transformers 4.56."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
     from transformers import AutoModel, AutoTokenizer
 
@@ -55,7 +64,7 @@ def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = to
     if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "vocab.json")):
         require_file(os.path.join(directory, "tokenizer.json"), "Text encoder tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModel.from_pretrained(directory).to(dtype)
+    model = AutoModel.from_pretrained(directory, **_dtype_kwarg(dtype))
     if not hasattr(model, "embed_tokens"):
         raise ValueError(f"{directory} did not load as a Qwen3 base model (got {type(model).__name__}); "
                          "it should be the Qwen3-Embedding-0.6B folder from ACE-Step/Ace-Step1.5.")
