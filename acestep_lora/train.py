@@ -481,6 +481,7 @@ class Trainer:
         self.epoch_loss_snapshot = (0.0, 0)
         self.last_print = 0.0
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.current_epoch = start_epoch
         try:
             for epoch in range(start_epoch, cfg.train_epochs + 1):
                 self._run_epoch(epoch, next_batch, order, epoch_loss)
@@ -499,6 +500,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int, first_batch: int, order, epoch_loss):
         cfg = self.cfg
+        self.current_epoch = epoch
         if order is None:
             order = make_batches(self.data.lengths, cfg.batch_size, self.data_gen)
         loss_sum = torch.tensor(float(epoch_loss[0]), device=self.device)
@@ -601,8 +603,7 @@ class Trainer:
         self.pending_steps, self.pending_epochs = [], []
         if self.progress is not None and new_points:
             last = new_points[-1]
-            self.progress({"step": self.step, "total_steps": self.total_steps,
-                           "epoch": self.epoch_log[-1]["epoch"] if self.epoch_log else 0,
+            self.progress({"step": self.step, "total_steps": self.total_steps, "epoch": self.current_epoch,
                            "total_epochs": self.cfg.train_epochs, "loss": last[1], "lr": last[2],
                            "elapsed": time.time() - self.started, "eta": self._eta(), "history": self.history,
                            "new_points": new_points})

@@ -50,6 +50,7 @@ def summary(node_id: str, run: dict) -> dict:
     out["loss"] = _finite(last[1]) if last is not None and len(last) > 1 else None
     out["lr"] = _finite(last[2]) if last is not None and len(last) > 2 else None
     out["num_points"] = len(points)
+    out["output_dir"] = run.get("output_dir")  # as typed on the node: a chart only shows its own node's run
     return out
 
 

@@ -20,6 +20,43 @@ PREVIEW_EVERY_SECONDS = 2.0
 RUNS: dict = {}
 
 
+class LiveProgress:
+    """Training progress for people: the node's progress bar with the loss-curve image, the console bar, and the
+    browser chart's websocket messages and history (RUNS)."""
+
+    def __init__(self, node_id: str, output_dir: str):
+        self.node_id, self.output_dir = node_id, output_dir
+        self.bar = self.console = None
+        self.last_preview = 0.0
+        self.run = RUNS.setdefault(node_id, {})
+        # output_dir as typed on the node: the chart shows a run only on the node that started it
+        self.run.update(points=[], started=time.time(), done=False, output_dir=output_dir)
+
+    def update(self, info: dict) -> None:
+        if self.bar is None:
+            self.bar = comfy.Progress(info["total_steps"], node_id=self.node_id)
+            self.console = tqdm(total=info["total_steps"], initial=info["step"] - 1, desc="ACE-Step LoRA",
+                                unit="step", dynamic_ncols=True)
+        self.console.update(info["step"] - self.console.n)
+        preview = None
+        if info["new_points"]:
+            self.console.set_postfix(loss=f"{info['loss']:.4f}", epoch=info["epoch"], refresh=False)
+            self.run["points"].extend(info["new_points"])
+            self.run.update({k: info[k] for k in ("step", "total_steps", "epoch", "total_epochs", "eta", "elapsed")})
+            comfy.send_event(EVENT, {"node": self.node_id, "output_dir": self.output_dir, "points": info["new_points"],
+                                     **{k: info.get(k) for k in ("step", "total_steps", "epoch", "total_epochs", "loss",
+                                                                 "lr", "elapsed", "eta")}})
+            if time.time() - self.last_preview >= PREVIEW_EVERY_SECONDS or info["step"] == info["total_steps"]:
+                preview = loss_chart(info["history"], info)
+                self.last_preview = time.time()
+        self.bar.set(info["step"], preview)
+
+    def close(self) -> None:
+        self.run["done"] = True
+        if self.console is not None:
+            self.console.close()
+
+
 class TrainLoRA:
     DESCRIPTION = ("Trains a LoRA on the prepared tensors. Cancel saves a resumable checkpoint (resume_from = "
                    "latest continues it). Writes the PEFT adapter (for kaola's nodes and the official app) and one "
@@ -103,49 +140,22 @@ class TrainLoRA:
               learning_rate, train_epochs, batch_size, gradient_accumulation, save_every_n_epochs, seed,
               resume_from, target_modules, timestep_sampling="auto", cfg_dropout=0.15, gradient_checkpointing="auto",
               warmup_steps=100, max_grad_norm=1.0, trigger_tag="", device="auto", unique_id=None):
-        out_dir = comfy.resolve_under_output(output_dir)
         cfg = TrainConfig(
             tensor_dir=comfy.resolve_under_output(tensor_dir),
-            checkpoint_dir=comfy.resolve_checkpoint_dir(checkpoint_dir), output_dir=out_dir, config_path=config_path, lora_rank=lora_rank, lora_alpha=float(lora_alpha),
-            lora_dropout=lora_dropout, learning_rate=learning_rate, train_epochs=train_epochs,
-            batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+            checkpoint_dir=comfy.resolve_checkpoint_dir(checkpoint_dir),
+            output_dir=comfy.resolve_under_output(output_dir), config_path=config_path, lora_rank=lora_rank,
+            lora_alpha=float(lora_alpha), lora_dropout=lora_dropout, learning_rate=learning_rate,
+            train_epochs=train_epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             save_every_n_epochs=save_every_n_epochs, seed=seed, resume_from=resume_from,
             target_modules=target_modules, timestep_sampling=timestep_sampling, cfg_dropout=cfg_dropout,
             gradient_checkpointing=gradient_checkpointing, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
             trigger_tag=trigger_tag, loras_dir=comfy.loras_directory(), device=device)
         comfy.free_memory()
-        bar = console = None
-        run = RUNS.setdefault(str(unique_id), {})
-        run.update(points=[], started=time.time(), done=False)
-        last_preview = [0.0]
-
-        def progress(info):
-            nonlocal bar, console
-            if bar is None:
-                bar = comfy.Progress(info["total_steps"], node_id=unique_id)
-                console = tqdm(total=info["total_steps"], initial=info["step"] - 1, desc="ACE-Step LoRA", unit="step",
-                               dynamic_ncols=True)
-            console.update(info["step"] - console.n)
-            if "loss" in info:
-                console.set_postfix(loss=f"{info['loss']:.4f}", epoch=info["epoch"], refresh=False)
-            preview = None
-            if info["new_points"]:
-                run["points"].extend(info["new_points"])
-                run.update({k: info[k] for k in ("step", "total_steps", "epoch", "total_epochs", "eta", "elapsed")})
-                comfy.send_event(EVENT, {"node": str(unique_id), "points": info["new_points"],
-                                         **{k: info.get(k) for k in ("step", "total_steps", "epoch", "total_epochs",
-                                                                     "loss", "lr", "elapsed", "eta")}})
-                if time.time() - last_preview[0] >= PREVIEW_EVERY_SECONDS or info["step"] == info["total_steps"]:
-                    preview = loss_chart(info["history"], info)
-                    last_preview[0] = time.time()
-            bar.set(info["step"], preview)
-
+        live = LiveProgress(str(unique_id), output_dir)
         try:
-            result = train_lora(cfg, progress=progress, check_cancel=comfy.check_interrupt)
+            result = train_lora(cfg, progress=live.update, check_cancel=comfy.check_interrupt)
         finally:
-            run["done"] = True
-            if console is not None:
-                console.close()
+            live.close()
         loras_dir = comfy.loras_directory()
         lora_info = {
             "path": result.adapter_dir, "scale": 1.0, "comfy_lora_path": result.comfy_lora_path,

@@ -131,3 +131,12 @@ if __name__ == "__main__":  # regenerate locales/en/nodeDefs.json from the Pytho
         json.dump(data, f, ensure_ascii=False, indent=2)
         f.write("\n")
     print(f"wrote locales/en/nodeDefs.json ({len(data)} nodes)")
+
+
+def test_english_doc_copy_for_the_locale_request():
+    """The help panel asks for docs/<Node>/en.md first (a 404 is logged otherwise); it must equal docs/<Node>.md."""
+    docs = os.path.join(ROOT, "web", "docs")
+    for name in sorted(f[:-3] for f in os.listdir(docs) if f.endswith(".md")):
+        with open(os.path.join(docs, f"{name}.md"), encoding="utf-8") as a, \
+                open(os.path.join(docs, name, "en.md"), encoding="utf-8") as b:
+            assert a.read() == b.read(), f"web/docs/{name}/en.md differs from web/docs/{name}.md"

@@ -85,11 +85,11 @@ def test_summary_and_history(routes):
 
     module.RUNS["12"] = {"points": [[1, 0.5, 1e-4], [2, 0.4, 2e-4], [3, float("nan"), 3e-4]], "step": 3,
                          "total_steps": 10, "epoch": 1, "total_epochs": 5, "eta": float("nan"), "elapsed": 2.5,
-                         "started": 1700000000.5, "done": False}
+                         "started": 1700000000.5, "done": False, "output_dir": "acestep_lora/runs/a"}
     summary = call(runs).data["runs"]["12"]
     assert summary == {"node": "12", "step": 3, "total_steps": 10, "epoch": 1, "total_epochs": 5, "elapsed": 2.5,
                        "eta": None, "started": 1700000000.5, "done": False, "loss": None, "lr": 3e-4,
-                       "num_points": 3}
+                       "num_points": 3, "output_dir": "acestep_lora/runs/a"}
     full = call(one, "12")
     assert full.status == 200
     assert full.data["points"] == [[1, 0.5, 1e-4], [2, 0.4, 2e-4], [3, None, 3e-4]]

@@ -275,3 +275,13 @@ def test_4_native_graph(workflows):
     assert _source(wf, one("SaveAudioMP3"), "audio")[0] is decode
     encode, latent = one("TextEncodeAceStepAudio1.5"), one("EmptyAceStep1.5LatentAudio")
     assert encode["widgets_values"][5] == latent["widgets_values"][0], "song duration = latent length"
+
+
+def test_every_workflow_has_a_thumbnail():
+    """The template browser requests <name>.jpg next to each workflow."""
+    folder = os.path.join(ROOT, "example_workflows")
+    for name in sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")):
+        path = os.path.join(folder, name + ".jpg")
+        assert os.path.isfile(path), f"{name}.jpg missing"
+        with open(path, "rb") as f:
+            assert f.read(3) == b"\xff\xd8\xff"  # a JPEG

@@ -8,7 +8,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyHistory, applyMessage, findRun, historyPath, initialState, labelsFor, layoutChart, pickTargets,
+  applyHistory, applyMessage, findRun, historyPath, initialState, labelsFor, layoutChart, ownsRun, pickTargets,
   planFetch, statusText,
 } from "./chart_core.js";
 
@@ -231,6 +231,7 @@ async function refreshAll() {
     if (!runs) return;
     for (const chart of [...charts]) {
       const run = findRun(runs, chart.node.id);
+      if (!ownsRun(outputDirOf(chart.node), run)) continue;
       const plan = planFetch(chart.state, run);
       if (!plan.fetch) continue;
       const data = await getJson(historyPath(ROUTE, run.node ?? chart.node.id, plan.since));
@@ -241,12 +242,17 @@ async function refreshAll() {
   }
 }
 
+/** The output_dir widget's value (undefined when the input is linked instead of typed). */
+function outputDirOf(node) {
+  return node?.widgets?.find?.((w) => w.name === "output_dir")?.value;
+}
+
 function onTraining(event) {
   const data = event?.detail;
   if (!data || data.node == null) return;
   const list = [...charts];
   for (const i of pickTargets(data.node, list.map((c) => c.node.id))) {
-    list[i].setState(applyMessage(list[i].state, data));
+    if (ownsRun(outputDirOf(list[i].node), data)) list[i].setState(applyMessage(list[i].state, data));
   }
 }
 

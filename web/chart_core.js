@@ -307,6 +307,14 @@ export function pickTargets(eventNode, ids) {
   return exact.length ? exact : nested;
 }
 
+/** Whether a run (websocket message or route summary) belongs to a node whose output_dir widget reads
+ *  `widgetValue`: runs carry the output_dir typed on the node that started them, so another workflow's node
+ *  with the same id (another tab, a loaded workflow) does not show it. Unknown on either side: accept. */
+export function ownsRun(widgetValue, run) {
+  if (!run || run.output_dir == null || widgetValue == null) return true;
+  return String(widgetValue).trim() === String(run.output_dir).trim();
+}
+
 /** The run summary for a graph node id in GET /acestep_lora/training's {"runs": {...}} (same matching). */
 export function findRun(runs, nodeId) {
   if (!runs || typeof runs !== "object") return null;

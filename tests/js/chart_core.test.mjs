@@ -228,3 +228,12 @@ test("layoutChart with no data, one point or a tiny canvas does not throw", () =
   assert.equal(one.raw.length, 1);
   assert.ok(Number.isFinite(one.raw[0][0]) && Number.isFinite(one.raw[0][1]));
 });
+
+test("ownsRun: a run shows only on a node with the output_dir that started it", () => {
+  assert.equal(core.ownsRun("acestep_lora/runs/a", { output_dir: "acestep_lora/runs/a" }), true);
+  assert.equal(core.ownsRun(" acestep_lora/runs/a ", { output_dir: "acestep_lora/runs/a" }), true);
+  assert.equal(core.ownsRun("acestep_lora/runs/b", { output_dir: "acestep_lora/runs/a" }), false);
+  assert.equal(core.ownsRun(undefined, { output_dir: "x" }), true, "linked input: unknown, accept");
+  assert.equal(core.ownsRun("x", { node: "1" }), true, "older server: accept");
+  assert.equal(core.ownsRun("x", null), true);
+});

@@ -175,6 +175,17 @@ test("websocket messages reach the node with that id and are drawn", async () =>
   assert.ok(ops.some((op) => op[0] === "setTransform" && op[1] === 2), "drawn at devicePixelRatio");
   assert.equal(chartA.children[0].width, 800);
   assert.doesNotMatch(chartB.children[1].textContent, /step/, "node 8 untouched");
+  // a run started by another workflow's node 7 (other output_dir) is not drawn on this node 7
+  a.widgets.unshift({ name: "output_dir", value: "acestep_lora/runs/mine" });
+  emit("acestep_lora.training", { node: "7", output_dir: "acestep_lora/runs/other", points: [[5, 9.9, 1e-5]],
+    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 9.9, lr: 1e-5, elapsed: 16, eta: 1 });
+  flushFrames();
+  assert.match(chartA.children[1].textContent, /step 4\/100/, "foreign run ignored");
+  emit("acestep_lora.training", { node: "7", output_dir: "acestep_lora/runs/mine", points: [[5, 0.6, 1e-5]],
+    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 0.6, lr: 1e-5, elapsed: 16, eta: 1 });
+  flushFrames();
+  assert.match(chartA.children[1].textContent, /step 5\/100/, "own run drawn");
+  a.widgets.shift();
   // malformed messages are ignored
   emit("acestep_lora.training", null);
   emit("acestep_lora.training", { points: [[5, 1, 0]] });
