@@ -178,6 +178,15 @@ def _checkpoint_rank(directory: str) -> tuple:
         return state["global_step"], state["epoch_order"] is None
 
 
+def _grad_scaler(device: torch.device):
+    """Loss scaling for fp16 autocast (MPS, old CUDA GPUs); None where this torch has no scaler for the device."""
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, TypeError):
+        print(f"[ACE-Step LoRA] no fp16 gradient scaler for {device.type} in this torch; training without one")
+        return None
+
+
 def _read_state(directory: str) -> dict:
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
@@ -303,7 +312,7 @@ class Trainer:
         self.warmup = warmup_for(self.total_steps, cfg.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup))
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.scaler = _grad_scaler(self.device) if self.dtype == torch.float16 else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.turbo_table = torch.tensor(TURBO_SHIFT3_TIMESTEPS, device=self.device, dtype=self.dtype)
