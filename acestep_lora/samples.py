@@ -121,17 +121,25 @@ def _detect_bpm(waveform: torch.Tensor, sample_rate: int) -> tuple[Optional[int]
     return int(round(value)), "detected", None
 
 
-def _read_sidecar(path: str) -> dict:
+def _json_object(path: str, encoding: str = "utf-8") -> dict:
+    """A JSON file holding one object; anything else raises ValueError saying what is wrong."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding=encoding) as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"it holds a JSON {type(data).__name__}, not an object such as "
+                         '{"caption": "...", "bpm": 120}')
+    return data
+
+
+def _read_sidecar(path: str) -> dict:
+    try:
+        return _json_object(path)
+    except ValueError as e:
         raise ValueError(f"sample sidecar '{path}' exists but cannot be read ({e}). It was not overwritten. Fix "
                          "or delete it (together with its audio file) and run again.") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"sample sidecar '{path}' does not hold a JSON object. It was not overwritten. Fix or "
-                         "delete it (together with its audio file) and run again.")
-    return data
 
 
 def _info(sidecar: dict, audio_path: str, sidecar_path: str, status: str, note: Optional[str] = None) -> dict:
@@ -250,14 +258,10 @@ def _read_text(path: str) -> Optional[str]:
 
 def _read_json_metadata(path: str) -> dict:
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"metadata file '{path}' is not valid JSON ({e}). Fix it, or delete it to use the file "
-                         "name as the caption.") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"metadata file '{path}' must hold a JSON object such as {{\"caption\": \"...\", "
-                         "\"bpm\": 120}}, not a " + type(data).__name__ + ".")
+        data = _json_object(path, encoding="utf-8-sig")
+    except ValueError as e:
+        raise ValueError(f"metadata file '{path}': {e}. Fix it, or delete it to use the file name as the "
+                         "caption.") from e
     out = {}
     for field, keys in _KEYS.items():
         for key in keys:
