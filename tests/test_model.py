@@ -130,3 +130,23 @@ def test_unpack_references_keeps_order_per_row():
     out, mask = unpack_references(packed, torch.tensor([1, 0, 1, 1]))
     assert out[..., 0].tolist() == [[1.0, 0.0, 0.0], [0.0, 2.0, 3.0]]
     assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("num_quantizers", [1, 2])
+def test_residual_fsq_matches_vector_quantize_pytorch(num_quantizers):
+    """The audio tokenizer's quantiser equals the library class the official model uses (outputs, codes)."""
+    from vector_quantize_pytorch import ResidualFSQ as Reference
+
+    from acestep_lora.model import ResidualFSQ
+
+    torch.manual_seed(0)
+    reference = Reference(dim=64, levels=[8, 8, 8, 5, 5, 5], num_quantizers=num_quantizers).eval()
+    ours = ResidualFSQ(64, [8, 8, 8, 5, 5, 5], num_quantizers)
+    ours.load_state_dict(reference.state_dict())
+    x = 2 * torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected, expected_codes = reference(x)
+        out, codes = ours(x)
+        assert torch.allclose(out, expected, atol=1e-6) and torch.equal(codes.long(), expected_codes.long())
+        assert torch.allclose(ours.get_output_from_indices(codes), reference.get_output_from_indices(expected_codes),
+                              atol=1e-6)
