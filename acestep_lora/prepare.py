@@ -22,7 +22,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -324,7 +324,3 @@ class _Models:
                 "text_prompt": prompt,
             },
         }
-
-
-def describe(result: PrepareResult) -> dict:
-    return asdict(result)

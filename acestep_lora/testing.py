@@ -166,10 +166,6 @@ def make_tiny_checkpoint(path: str, variant: str = "turbo", *, seed: int = 0,
     return path
 
 
-def official_full_config() -> AceStepConfig:
-    """The default full-size ACE-Step 1.5 config (2.394 B parameters)."""
-    return AceStepConfig()
-
 
 if __name__ == "__main__":  # python -m acestep_lora.testing <dir> [variant]
     import sys

@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -34,7 +34,7 @@ from . import lora
 from .checkpoint import dit_dir, load_config, load_dit
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory, resolve_device
-from .fileio import atomic_directory, atomic_save, atomic_write_text
+from .fileio import atomic_directory, atomic_write_text
 from .lora_io import lora_pairs, save_comfy_lora, unique_path
 
 TURBO_SHIFT3_TIMESTEPS = (1.0, 0.9545454545454546, 0.9, 0.8333333333333334, 0.75, 0.6428571428571429, 0.5, 0.3)
@@ -715,7 +715,3 @@ def train_lora(cfg: TrainConfig, progress: Optional[Callable[[dict], None]] = No
     """
     with torch.inference_mode(False), torch.enable_grad():
         return Trainer(cfg, progress, check_cancel).run()
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from acestep_lora import load_dit
-from acestep_lora import train as train_mod
 from acestep_lora.lora_io import lora_pairs, merged_delta, read_comfy_lora
 from acestep_lora.prepare import PrepareSettings, prepare_dataset
 from acestep_lora.train import (TURBO_SHIFT3_TIMESTEPS, TrainConfig, Trainer, TrainingStopped, lr_factor,
