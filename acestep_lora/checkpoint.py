@@ -144,17 +144,14 @@ def load_silence_latent(checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_P
     return latent.transpose(1, 2).to(device=device, dtype=dtype).contiguous()
 
 
-def dit_identity(checkpoint_dir: str, config_path: str) -> str:
-    """Cheap content fingerprint of a DiT folder: config, safetensors headers, sizes and the first/last MiB.
+def folder_identity(directory: str, names: Optional[Iterable[str]] = None) -> str:
+    """Cheap content fingerprint of a model folder: file names, sizes and the first/last MiB of each file.
 
     Hashing 5 GB on every run would take longer than the preprocessing it protects; this still changes whenever
-    the weights are replaced by a different file.
+    a file is replaced by a different one (safetensors headers, holding every tensor's offsets, are in the first MiB).
     """
-    directory = dit_dir(checkpoint_dir, config_path)
     h = hashlib.sha256()
-    names = ["config.json", "silence_latent.pt"] + sorted(
-        n for n in os.listdir(directory) if n.endswith(".safetensors") or n.endswith(".safetensors.index.json"))
-    for name in names:
+    for name in sorted(names if names is not None else os.listdir(directory)):
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             continue
@@ -166,3 +163,10 @@ def dit_identity(checkpoint_dir: str, config_path: str) -> str:
                 f.seek(-(1 << 20), os.SEEK_END)
                 h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def dit_identity(checkpoint_dir: str, config_path: str) -> str:
+    """Fingerprint of a DiT folder's config, silence latent and weights (not its remote-code .py files)."""
+    directory = dit_dir(checkpoint_dir, config_path)
+    return folder_identity(directory, ["config.json", "silence_latent.pt"] + [
+        n for n in os.listdir(directory) if n.endswith((".safetensors", ".safetensors.index.json"))])

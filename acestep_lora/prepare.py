@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from . import audio as audio_io
-from .checkpoint import (TEXT_ENCODER_DIR, VAE_DIR, dit_dir, dit_identity, load_config, load_dit,
-                         load_silence_latent, require_dir)
+from .checkpoint import (TEXT_ENCODER_DIR, VAE_DIR, dit_dir, dit_identity, folder_identity, load_config,
+                         load_dit, load_silence_latent, require_dir)
 from .device import compute_dtype, release_memory, resolve_device
 from .fileio import atomic_save, atomic_write_json, sha256_file
 from .metadata import (normalize_bpm, normalize_keyscale, normalize_language, normalize_lyrics,
@@ -130,23 +130,13 @@ def _content_hash(item: PrepareItem) -> str:
 
 def checkpoint_fingerprint(checkpoint_dir: str, config_path: str) -> dict:
     """What the cached tensors depend on: the DiT (condition encoder, silence latent), the VAE, the text encoder."""
-    def folder_id(folder: str) -> str:
-        h = hashlib.sha256()
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                size = os.path.getsize(path)
-                h.update(f"{name}:{size}".encode())
-                with open(path, "rb") as f:
-                    h.update(f.read(1 << 20))
-        return h.hexdigest()[:16]
-
     cfg = load_config(checkpoint_dir, config_path)
     return {"config_path": os.path.basename(os.path.normpath(config_path)), "variant": cfg.variant,
             "is_turbo": cfg.is_turbo, "condition_width": (cfg.encoder_hidden_size or cfg.hidden_size),
             "dit": dit_identity(checkpoint_dir, config_path),
-            "vae": folder_id(require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")),
-            "text_encoder": folder_id(require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR), "Text encoder"))}
+            "vae": folder_identity(require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")),
+            "text_encoder": folder_identity(require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR),
+                                                        "Text encoder"))}
 
 
 def _check_output_dir(output_dir: str) -> None:

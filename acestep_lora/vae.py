@@ -183,13 +183,11 @@ class AudioVAE:
         if frames <= chunk + 2 * overlap:
             return self.encode(audio)
         means, stds = [], []
-        for start in range(0, frames, chunk):
-            stop = min(start + chunk, frames)
-            lo, hi = max(0, start - overlap), min(frames, stop + overlap)
+        for keep, lo, hi in _windows(frames, chunk, overlap):
             end_sample = audio.shape[-1] if hi == frames else hi * self.hop
             post = self.encode(audio[..., lo * self.hop:end_sample])
-            means.append(post.mean[..., start - lo:stop - lo].cpu())
-            stds.append(post.std[..., start - lo:stop - lo].cpu())
+            means.append(post.mean[..., keep].cpu())
+            stds.append(post.std[..., keep].cpu())
         return Posterior(torch.cat(means, dim=-1), torch.cat(stds, dim=-1))
 
     @torch.no_grad()
@@ -203,12 +201,19 @@ class AudioVAE:
         if frames <= chunk_frames + 2 * overlap_frames:
             return self.decode(latents)
         pieces = []
-        for start in range(0, frames, chunk_frames):
-            stop = min(start + chunk_frames, frames)
-            lo, hi = max(0, start - overlap_frames), min(frames, stop + overlap_frames)
+        for keep, lo, hi in _windows(frames, chunk_frames, overlap_frames):
             audio = self.decode(latents[..., lo:hi])
-            pieces.append(audio[..., (start - lo) * self.hop:(stop - lo) * self.hop].cpu())
+            pieces.append(audio[..., keep.start * self.hop:keep.stop * self.hop].cpu())
         return torch.cat(pieces, dim=-1)
+
+
+def _windows(frames: int, chunk: int, overlap: int):
+    """Overlap-discard tiling: for each chunk of ``chunk`` frames, the window [lo, hi) it is computed in (with
+    ``overlap`` frames of context on each side, clipped to the clip) and the slice of that window to keep."""
+    for start in range(0, frames, chunk):
+        stop = min(start + chunk, frames)
+        lo, hi = max(0, start - overlap), min(frames, stop + overlap)
+        yield slice(start - lo, stop - lo), lo, hi
 
 
 def fold_weight_norm(state: dict) -> dict:
