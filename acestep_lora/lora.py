@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PEFT_PREFIX = "base_model.model."
+from .lora_io import PEFT_PREFIX
 
 
 class LoRALinear(nn.Module):
@@ -59,6 +59,11 @@ def inject(model: nn.Module, targets: list[str], rank: int, alpha: float, dropou
 
 def lora_parameters(layers: dict[str, LoRALinear]) -> list[nn.Parameter]:
     return [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+
+def pairs(layers: dict[str, LoRALinear]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"A": lora_A, "B": lora_B}} — the shape lora_io's exporters take."""
+    return {name: {"A": layer.lora_A.detach(), "B": layer.lora_B.detach()} for name, layer in layers.items()}
 
 
 def peft_state_dict(layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
