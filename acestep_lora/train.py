@@ -317,6 +317,18 @@ class Trainer:
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.turbo_table = torch.tensor(TURBO_SHIFT3_TIMESTEPS, device=self.device, dtype=self.dtype)
         self.data.to(self.device, self.dtype)
+        self._reset_progress()
+
+    def _reset_progress(self):
+        """Counters, logs and pending (not yet read back) losses of a fresh run; resume overwrites the first ones."""
+        self.run_id = uuid.uuid4().hex[:12]
+        self.step, self.history, self.epoch_log, self.log_lines = 0, [], [], []
+        self.pending_steps = []  # (step, loss tensor, lr): not yet read back from the device
+        self.pending_epochs = []  # (epoch, loss-sum tensor, micro-batches, lr, seconds)
+        self.epoch_loss_snapshot = (0.0, 0)
+        self.started, self.steps_at_start, self.last_print = time.time(), 0, 0.0
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.current_epoch = 1
 
     def _load_model(self):
         """Only what training needs: the decoder and the null condition (no encoder, tokenizer, VAE, LM)."""
@@ -461,8 +473,6 @@ class Trainer:
             # arithmetic ~50x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
         self._build()
-        self.run_id = uuid.uuid4().hex[:12]
-        self.step, self.history, self.epoch_log = 0, [], []
         start_epoch, next_batch, order, epoch_loss = 1, 0, None, (0.0, 0)
         if self.resume_dir is not None:
             state = self._resume()
@@ -480,14 +490,7 @@ class Trainer:
                   + (f", resumed from {self.resume_dir} at step {self.step}" if self.resume_dir else ""))
         print(f"[ACE-Step LoRA] {header}")
         self.log_lines = [header]
-        self.started = time.time()
-        self.steps_at_start = self.step
-        self.pending_steps = []  # (step, loss tensor, lr): not yet read back from the device
-        self.pending_epochs = []  # (epoch, loss-sum tensor, micro-batches, lr, seconds)
-        self.epoch_loss_snapshot = (0.0, 0)
-        self.last_print = 0.0
-        self.last_lr = self.optimizer.param_groups[0]["lr"]
-        self.current_epoch = start_epoch
+        self.started, self.steps_at_start, self.current_epoch = time.time(), self.step, start_epoch
         try:
             for epoch in range(start_epoch, cfg.train_epochs + 1):
                 self._run_epoch(epoch, next_batch, order, epoch_loss)
@@ -513,14 +516,14 @@ class Trainer:
         count = int(epoch_loss[1])
         epoch_start = time.time()
         accum = cfg.gradient_accumulation
-        group_start, group_rng = first_batch, self._rng_snapshot()
-        group_loss, snapshot = torch.zeros((), device=self.device), (loss_sum.clone(), count)
+        # loss_sum is rebound, never updated in place, so keeping a reference is a free snapshot of it.
+        group_start, group_rng, snapshot = first_batch, self._rng_snapshot(), (loss_sum, count)
         index = first_batch
         try:
             while index < len(order):
                 if (index - first_batch) % accum == 0:  # start of an optimizer step: a consistent resume point
-                    group_start, group_rng, snapshot = index, self._rng_snapshot(), (loss_sum.clone(), count)
-                    group_loss = torch.zeros((), device=self.device)
+                    group_start, group_rng, snapshot = index, self._rng_snapshot(), (loss_sum, count)
+                    group_loss = 0.0
                 if self.check_cancel is not None:
                     self.check_cancel()
                 group_end = min(group_start + accum, len(order))
@@ -528,7 +531,7 @@ class Trainer:
                 scaled = loss / (group_end - group_start)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 loss_sum = loss_sum + loss.detach().float()
-                group_loss = group_loss + scaled.detach().float()
+                group_loss = scaled.detach().float() + group_loss
                 count += 1
                 index += 1
                 if index == group_end:

@@ -130,10 +130,6 @@ def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames: int, toke
     if dtype is not None:  # e.g. bf16 autocast on a CPU, to mirror the CUDA code path
         trainer.dtype = dtype
     trainer._build()
-    trainer.run_id, trainer.step, trainer.history, trainer.epoch_log = "bench", 0, [], []
-    trainer.pending_steps, trainer.pending_epochs, trainer.log_lines = [], [], []
-    trainer.started, trainer.steps_at_start, trainer.last_print = time.time(), 0, time.time()
-    trainer.last_lr = trainer.optimizer.param_groups[0]["lr"]
     os.makedirs(tc.output_dir, exist_ok=True)
     return trainer
 

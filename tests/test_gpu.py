@@ -26,10 +26,6 @@ def make(tiny_ckpt, tensors, tmp_path, **kw):
     cfg.update(kw)
     trainer = Trainer(TrainConfig(**cfg))
     trainer._build()
-    trainer.step, trainer.history, trainer.epoch_log, trainer.pending_steps, trainer.pending_epochs = 0, [], [], [], []
-    trainer.last_lr, trainer.steps_at_start, trainer.log_lines, trainer.last_print = 0.0, 0, [], 0.0
-    import time
-    trainer.started = time.time()
     return trainer
 
 
