@@ -46,7 +46,8 @@ def test_lora_linear_matches_peft(dropout):
     assert torch.allclose(ours.lora_B.grad, theirs.lora_B["default"].weight.grad, atol=1e-5)
 
 
-def test_init_is_peft_init():
+def test_init_follows_peft_scheme():
+    """A: Kaiming-uniform(a=sqrt(5)) like PEFT (bound 1/sqrt(fan_in)), B: zeros, both fp32."""
     torch.manual_seed(0)
     layer = lora.LoRALinear(torch.nn.Linear(64, 16), rank=8, alpha=16, dropout=0.0)
     bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
