@@ -8,6 +8,9 @@ import math
 import os
 from typing import Any, Optional
 
+CATEGORY = "audio/ACE-Step LoRA"  # where all of this pack's nodes sit in ComfyUI's node menu
+
+
 def _folder_paths():
     try:  # inside ComfyUI (looked up per call, so stand-ins installed later are seen too)
         import folder_paths  # type: ignore

@@ -11,7 +11,6 @@ from ..acestep_lora.lists import fit_list, parse_list
 from ..acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
 from . import comfy
 
-CATEGORY = "audio/ACE-Step LoRA"
 KNOWN_CONFIGS = ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft", "acestep-v15-turbo-shift3"]
 LIST_INPUTS = ("captions", "lyrics_list", "bpm_list", "keyscale_list", "language_list", "timesignature_list")
 
@@ -29,7 +28,7 @@ class PrepareTrainingData:
     DESCRIPTION = ("Encodes audio and its metadata into training tensors (VAE latents, caption and lyric "
                    "conditioning) exactly as ACE-Step 1.5 generation conditions the model. Results are cached: "
                    "re-running encodes only new or changed samples.")
-    CATEGORY = CATEGORY
+    CATEGORY = comfy.CATEGORY
     FUNCTION = "prepare"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING")

@@ -17,7 +17,6 @@ from ..acestep_lora import samples as core
 from ..acestep_lora.audio import from_comfy_audio
 from . import comfy
 
-CATEGORY = "audio/ACE-Step LoRA"
 DEFAULT_SAMPLES_DIR = "acestep_lora/samples"
 TIMESIGNATURE_CHOICES = ["", "2/4", "3/4", "4/4", "6/8"]
 
@@ -28,7 +27,7 @@ class CreateTrainingSample:
                    "the same audio and text writes nothing new; any change makes a new sample, never overwriting "
                    "one. A batch of B clips makes B samples. Chain several Create nodes through 'previous' and "
                    "connect the last one's sample_info to Collect Training Samples.")
-    CATEGORY = CATEGORY
+    CATEGORY = comfy.CATEGORY
     FUNCTION = "create"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
@@ -94,7 +93,7 @@ class CollectTrainingSamples:
                    "<name>.txt (lyrics), <name>_prompt.txt (caption), <name>_lyrics.txt (lyrics) and <name>.json "
                    "next to each audio file. Each output is a JSON list, one entry per audio file, in the same "
                    "order; connect them to LoRA Prepare Training Data.")
-    CATEGORY = CATEGORY
+    CATEGORY = comfy.CATEGORY
     FUNCTION = "collect"
     RETURN_TYPES = ("STRING",) * 7
     RETURN_NAMES = ("audio_files", "captions", "lyrics_list", "bpm_list", "keyscale_list", "language_list",

@@ -12,7 +12,6 @@ from . import comfy
 from .prepare import PrepareTrainingData, config_choices
 from .preview import loss_chart
 
-CATEGORY = "audio/ACE-Step LoRA"
 EVENT = "acestep_lora.training"
 PREVIEW_EVERY_SECONDS = 2.0
 
@@ -62,7 +61,7 @@ class TrainLoRA:
                    "latest continues it). Writes the PEFT adapter (for kaola's nodes and the official app) and one "
                    "ComfyUI LoRA file with alpha baked in, so strength 1.0 in LoraLoaderModelOnly is the trained "
                    "strength.")
-    CATEGORY = CATEGORY
+    CATEGORY = comfy.CATEGORY
     FUNCTION = "train"
     OUTPUT_NODE = True
     RETURN_TYPES = ("ACE_STEP_LORA_INFO", "STRING")
