@@ -167,15 +167,22 @@ def resolve_resume(resume_from: str, output_dir: str) -> Optional[str]:
                             f"'{output_dir}/checkpoints/epoch_200'), nor 'latest'.")
 
 
-def _checkpoint_rank(directory: str) -> tuple:
-    """(optimizer steps, saved at an epoch end) from the small checkpoint.json, without loading the state."""
+def _checkpoint_info(directory: str) -> dict:
+    """The small checkpoint.json beside a training state (steps, epoch, identity, signature): read instead of the
+    state itself, which holds the optimizer and can be hundreds of MB. Falls back to the state if it is missing."""
     try:
         with open(os.path.join(directory, "checkpoint.json"), encoding="utf-8") as f:
-            info = json.load(f)
-        return info["global_step"], info["complete_epoch"]
-    except (OSError, ValueError, KeyError):
+            return json.load(f)
+    except (OSError, ValueError):
         state = _read_state(directory)
-        return state["global_step"], state["epoch_order"] is None
+        return {"global_step": state["global_step"], "complete_epoch": state["epoch_order"] is None,
+                "signature": state.get("signature")}
+
+
+def _checkpoint_rank(directory: str) -> tuple:
+    """(optimizer steps, saved at an epoch end): how 'latest' orders checkpoints."""
+    info = _checkpoint_info(directory)
+    return info["global_step"], info["complete_epoch"]
 
 
 def _grad_scaler(device: torch.device):
@@ -233,11 +240,10 @@ class Trainer:
         cfg = self.cfg
         final = os.path.join(cfg.output_dir, "final")
         if os.path.isfile(os.path.join(final, STATE_FILE)):
-            state = _read_state(final)
-            if state.get("signature") == self._signature():
-                self.finished_state = state
+            old = _checkpoint_info(final).get("signature") or {}
+            if old == self._signature():
+                self.finished_state = _read_state(final)  # the full state (optimizer included) only when reused
                 return
-            old = state.get("signature") or {}
             changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._signature().items() if old.get(k) != v]
             raise FileExistsError(
                 f"output_dir '{cfg.output_dir}' already holds a finished run with other settings "
@@ -429,7 +435,8 @@ class Trainer:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, "checkpoint.json"), "w", encoding="utf-8") as f:
                 json.dump({"run_id": state["run_id"], "epoch": state["epoch"], "global_step": state["global_step"],
-                           "complete_epoch": state["epoch_order"] is None, **state["identity"]}, f, indent=2)
+                           "complete_epoch": state["epoch_order"] is None, **state["identity"],
+                           "signature": state["signature"]}, f, indent=2)
             save_comfy_lora(os.path.join(tmp, comfy_name), self._pairs(), self.cfg.lora_alpha,
                             self._metadata(state["epoch"]), dtype)
 

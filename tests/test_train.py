@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from acestep_lora import load_dit
+from acestep_lora import train as train_mod
 from acestep_lora.lora_io import lora_pairs, merged_delta, read_comfy_lora
 from acestep_lora.prepare import PrepareSettings, prepare_dataset
 from acestep_lora.train import (TURBO_SHIFT3_TIMESTEPS, TrainConfig, Trainer, TrainingStopped, lr_factor,
@@ -214,9 +215,11 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_
     assert losses(resumed) == losses(full) and resumed.steps == full.steps == 8
 
 
-def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path):
+def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path, monkeypatch):
     train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
     before = {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")}
+    # decided from the small checkpoint.json, without loading the (optimizer-sized) training state
+    monkeypatch.setattr(train_mod, "_read_state", lambda d: pytest.fail("training state loaded"))
     with pytest.raises(FileExistsError, match="finished run with other settings.*train_epochs 2 -> 3.*resume_from"):
         train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=1))
     assert {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")} == before
