@@ -1,6 +1,8 @@
 """Crash-safe file writes: write to a temporary name in the same folder, fsync, then ``os.replace``.
 
-A reader (or a crash) never sees a half-written sample, tensor file, manifest or checkpoint.
+A reader (or a crash) never sees a half-written sample, tensor file, manifest or checkpoint. What is written gets
+the permissions the process's umask gives any new file or folder (as every other ComfyUI output), not the
+owner-only ones of Python's temporary files, so ComfyUI in Docker or as a service user can read it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,21 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (``os.umask`` can only be read by
+    setting it, which for a moment changes it for every thread of the process, e.g. ComfyUI's server)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is moved over ``path`` in one step."""
@@ -20,6 +37,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600: give it a new file's usual mode
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -60,6 +78,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it a new folder's usual mode
     try:
         yield tmp
         old = None
