@@ -17,7 +17,7 @@ import traceback
 
 from . import __version__
 from .checkpoint import DEFAULT_CONFIG_PATH
-from .console import CountBar, TrainingBar, say
+from .console import CountBar, TrainingBar, library_bars_off, say
 from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainingStopped
 
 # What a user can cause and fix from the message alone; anything else is a bug and keeps its traceback.
@@ -38,8 +38,9 @@ def _prepare(args) -> int:
     # long_audio / detect_bpm exist only in PrepareSettings versions that have them: pass what this one knows.
     known = {f.name for f in dataclasses.fields(PrepareSettings)}
     settings = PrepareSettings(**{k: v for k, v in wanted.items() if k in known and v is not None})
+    flags = {"long_audio": "--long-audio", "detect_bpm": "--no-detect-bpm"}
     for name in sorted(k for k, v in wanted.items() if k not in known and v is not None):
-        say(f"note: --{name.replace('_', '-')} is not supported by this version's Prepare; ignored")
+        say(f"note: {flags[name]} is not supported by this version's Prepare; ignored")
     bar = CountBar("prepare")
     try:
         result = prepare_dataset(items, args.output, settings, progress=bar.update)
@@ -76,7 +77,8 @@ def _train(args) -> int:
 def _tiny(args) -> int:
     from .testing import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.path, variants=args.variants))
+    with library_bars_off():
+        print(make_tiny_checkpoint(args.path, variants=args.variants))
     return 0
 
 
