@@ -96,7 +96,8 @@ class TrainLoRA:
                                                   "extra memory)."}),
                 "save_every_n_epochs": ("INT", {"default": 200, "min": 0, "max": 10000, "tooltip": "Checkpoint "
                                                 "(adapter + resumable state + ComfyUI file) every N epochs; 0 = "
-                                                "only at the end."}),
+                                                "only at the end. Each checkpoint's LoRA is also listed in "
+                                                "LoraLoaderModelOnly as <output_dir name>/epoch_N."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                                  "tooltip": "Same seed and data give the same LoRA."}),
                 "resume_from": ("STRING", {"default": "", "tooltip": "Empty: new run. 'latest': continue the "
