@@ -17,6 +17,8 @@ PREFIX = "[ACE-Step LoRA]"
 
 def say(message: str) -> None:
     """Print ``message`` (one or more lines), each line prefixed once, above any progress bar."""
+    if sys.stdout is None:  # no console at all (pythonw)
+        return
     tqdm.write("\n".join(f"{PREFIX} {line}" for line in str(message).splitlines() or [""]))
     sys.stdout.flush()  # a log file or a service's journal gets the line now, not when a buffer fills
 
