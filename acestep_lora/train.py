@@ -441,8 +441,8 @@ class Trainer:
             "rng": rng, "data_rng": self.data_gen.get_state(), "history": self.history,
             "epoch_log": self.epoch_log, "epoch_loss": self.epoch_loss_snapshot,
             "identity": self._identity(), "signature": self._signature(),
-            "dataset_keys": self.sample_keys, "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps, "notes": self.notes, "epoch_loras": self.epoch_loras,
+            "dataset_keys": self.sample_keys, "steps_per_epoch": self.steps_per_epoch, "notes": self.notes,
+            "epoch_loras": self.epoch_loras,
             "settings": {"lora_dropout": c.lora_dropout, "learning_rate": c.learning_rate,
                          "train_epochs": c.train_epochs, "batch_size": c.batch_size,
                          "gradient_accumulation": c.gradient_accumulation, "seed": c.seed,
@@ -506,21 +506,20 @@ class Trainer:
         return state
 
     def _follow_dataset(self, state: dict, epoch: int, order, next_batch: int):
-        """Continue on the dataset as it is now; returns the interrupted epoch's remaining ``(order, next_batch)``
-        and a note for the log when the dataset changed since the checkpoint (None when it did not).
+        """Continue on the dataset and settings as they are now; returns the interrupted epoch's remaining
+        ``(order, next_batch)`` and a note for the log when the schedule changed (None when it did not).
 
         Unchanged, nothing moves and the run continues bit for bit. Changed (samples removed or added since the
         checkpoint): the rest of an interrupted epoch keeps the samples that still exist, found by their key
         (removed ones are dropped), new samples join from the next epoch, and the total step count — steps done +
         the rest of this epoch + the remaining epochs x the new steps per epoch — and the learning-rate schedule
-        over it are recomputed. ``epoch`` is the epoch to run next (``order`` not None: the interrupted one)."""
+        over it are recomputed (as they are when train_epochs, batch_size or gradient_accumulation changed).
+        ``epoch`` is the epoch to run next (``order`` not None: the interrupted one)."""
         cfg, saved, now = self.cfg, state.get("dataset_keys"), self.sample_keys
         keyed = saved is not None and now is not None
         changed = saved != now if keyed else state["signature"]["dataset"] != self._signature()["dataset"]
-        note = None
+        what = ""
         if changed:
-            old_steps = state.get("steps_per_epoch") or math.ceil(math.ceil(
-                state["settings"]["dataset_size"] / cfg.batch_size) / cfg.gradient_accumulation)
             if keyed:
                 gone, new = set(saved) - set(now), set(now) - set(saved)
                 what = f"{_plural(len(gone), 'sample')} removed, {len(new)} added"
@@ -546,10 +545,18 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * lr_factor(self.scheduler.last_epoch, self.total_steps, self.warmup)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        if changed:
-            note = (f"dataset changed since the checkpoint: {what}; {old_steps} -> {self.steps_per_epoch} steps per "
-                    f"epoch, {self.total_steps} steps in all; schedule recomputed")
-            self.notes.append({"note": note, "epoch": epoch, "step": self.step})
+        settings = [f"{k} {state['settings'].get(k)} -> {getattr(cfg, k)}"
+                    for k in ("train_epochs", "batch_size", "gradient_accumulation")
+                    if state["settings"].get(k) != getattr(cfg, k)]
+        if not changed and not settings:
+            return order, next_batch, None
+        old_steps = state.get("steps_per_epoch") or math.ceil(math.ceil(
+            state["settings"]["dataset_size"] / state["settings"]["batch_size"])
+            / state["settings"]["gradient_accumulation"])
+        reasons = ([f"dataset changed since the checkpoint: {what}"] if changed else []) + settings
+        note = (f"{'; '.join(reasons)}; {old_steps} -> {self.steps_per_epoch} steps per epoch, {self.total_steps} "
+                "steps in all; schedule recomputed")
+        self.notes.append({"note": note, "epoch": epoch, "step": self.step})
         return order, next_batch, note
 
     # -- the loop ----------------------------------------------------------------------------------------------

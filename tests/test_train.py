@@ -283,8 +283,8 @@ def test_resume_after_the_dataset_changed_at_an_epoch_end(tiny_ckpt, tensors, tm
     result = train_lora(config(tiny_ckpt, data, tmp_path / "run", train_epochs=3, save_every_n_epochs=0,
                                resume_from="latest"))
     assert result.steps == 8 and [p[0] for p in result.history] == list(range(1, 9))
-    assert ("1 sample removed, 0 added; 3 -> 2 steps per epoch, 8 steps in all; schedule recomputed"
-            in result.log)
+    assert ("dataset changed since the checkpoint: 1 sample removed, 0 added; train_epochs 2 -> 3; 3 -> 2 steps per "
+            "epoch, 8 steps in all; schedule recomputed") in result.log
     assert result.history[-1][2] == pytest.approx(2e-3 * lr_factor(7, 8, warmup_for(8, 2)), rel=1e-9)
 
 
