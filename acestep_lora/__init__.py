@@ -8,7 +8,34 @@ from .checkpoint import (DEFAULT_CONFIG_PATH, EXPECTED_LAYOUT, dit_identity, lis
 from .config import AceStepConfig
 from .model import AceStepModel
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The version has one source, ``[project] version`` in pyproject.toml (where the ComfyUI registry reads it).
+
+    A source tree (a checkout, ComfyUI's custom_nodes folder, an editable install) has that file beside this
+    package and it wins, so an older installed copy cannot misreport it; an installed wheel has the metadata."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = re.search(r"^\[project\][ \t]*$(.*?)(?=^\[|\Z)", f.read(), re.M | re.S)
+    except OSError:
+        table = None
+    if table and re.search(r'^name\s*=\s*"acestep-lora"', table.group(1), re.M):
+        found = re.search(r'^version\s*=\s*"([^"]+)"', table.group(1), re.M)
+        if found:
+            return found.group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("acestep-lora")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
 
 
 def load_vae(checkpoint_dir, device="cpu", dtype=None):

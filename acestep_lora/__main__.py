@@ -1,17 +1,28 @@
-"""Command line: the same core the nodes call.
+"""Command line: the same core the nodes call (``acestep-lora`` once installed, else ``python -m acestep_lora``).
 
-    python -m acestep_lora prepare --samples-dir songs/ --output tensors/ --checkpoint-dir checkpoints/
-    python -m acestep_lora train --tensor-dir tensors/ --checkpoint-dir checkpoints/ --output-dir runs/my_lora
-    python -m acestep_lora tiny-checkpoint demo_checkpoints/
+    acestep-lora prepare --samples-dir songs/ --output tensors/ --checkpoint-dir checkpoints/
+    acestep-lora train --tensor-dir tensors/ --checkpoint-dir checkpoints/ --output-dir runs/my_lora
+    acestep-lora tiny-checkpoint demo_checkpoints/
+
+A mistake in the input ends with one message and exit status 1 (--debug shows the traceback); Ctrl-C during
+training saves a resumable checkpoint, names it, and exits with status 130.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 
+from . import __version__
 from .checkpoint import DEFAULT_CONFIG_PATH
-from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING
+from .console import CountBar, TrainingBar, library_bars_off, say
+from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainingStopped
+
+# What a user can cause and fix from the message alone; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, TrainingStopped)
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def _prepare(args) -> int:
@@ -21,12 +32,25 @@ def _prepare(args) -> int:
     samples = collect_samples(args.samples_dir)
     items = [PrepareItem(name=s.audio_path, path=s.audio_path, caption=s.caption, lyrics=s.lyrics, bpm=s.bpm,
                          keyscale=s.keyscale, language=s.language, timesignature=s.timesignature) for s in samples]
-    settings = PrepareSettings(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path, device=args.device,
-                               custom_tag=args.custom_tag, tag_position=args.tag_position,
-                               max_duration=args.max_duration)
-    result = prepare_dataset(items, args.output, settings,
-                             progress=lambda done, total, msg: print(f"[{done}/{total}] {msg}", flush=True))
-    print(result.status)
+    wanted = dict(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path, device=args.device,
+                  custom_tag=args.custom_tag, tag_position=args.tag_position, max_duration=args.max_duration,
+                  long_audio=args.long_audio, detect_bpm=args.detect_bpm)
+    # long_audio / detect_bpm exist only in PrepareSettings versions that have them: pass what this one knows.
+    known = {f.name for f in dataclasses.fields(PrepareSettings)}
+    settings = PrepareSettings(**{k: v for k, v in wanted.items() if k in known and v is not None})
+    flags = {"long_audio": "--long-audio", "detect_bpm": "--no-detect-bpm"}
+    for name in sorted(k for k, v in wanted.items() if k not in known and v is not None):
+        say(f"note: {flags[name]} is not supported by this version's Prepare; ignored")
+    bar = CountBar("prepare")
+    try:
+        result = prepare_dataset(items, args.output, settings, progress=bar.update)
+    except KeyboardInterrupt:
+        bar.close()  # the bar first, so the message is the last line
+        say("stopped; the samples encoded so far are cached: the same command continues")
+        return INTERRUPTED
+    finally:
+        bar.close()
+    print(result.status)  # the command's result (ends with the per-sample table where Prepare makes one)
     return 0
 
 
@@ -35,24 +59,41 @@ def _train(args) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    result = train_lora(cfg)
-    print(f"PEFT adapter: {result.adapter_dir}\nComfyUI LoRA: {result.comfy_lora_path}")
+    bar = TrainingBar()
+    try:
+        train_lora(cfg, progress=bar.update)  # the engine prints the header, epochs and the summary (once)
+    except KeyboardInterrupt as interrupt:
+        bar.close()  # the bar first, so the message is the last line
+        resumable = getattr(interrupt, "resumable", None)
+        say(resumable.message("run again with --resume-from latest") if resumable is not None else
+            "stopped before a resumable checkpoint was saved; a periodic one (if any) continues with "
+            "--resume-from latest")
+        return INTERRUPTED
+    finally:
+        bar.close()
     return 0
 
 
 def _tiny(args) -> int:
     from .testing import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.path, variants=args.variants))
+    with library_bars_off():
+        print(make_tiny_checkpoint(args.path, variants=args.variants))
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m acestep_lora", description=__doc__,
+def _parser() -> argparse.ArgumentParser:
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "python -m acestep_lora" if invoked in ("__main__.py", "-m", "-c", "") else "acestep-lora"
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="encode a folder of samples into training tensors")
+    p = sub.add_parser("prepare", parents=[debug], help="encode a folder of samples into training tensors")
     p.add_argument("--samples-dir", required=True, help="audio files with .json/.txt sidecars (or Create's output)")
     p.add_argument("--output", required=True, help="tensor folder to write")
     p.add_argument("--checkpoint-dir", required=True)
@@ -61,9 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--custom-tag", default="")
     p.add_argument("--tag-position", default="append", choices=["append", "prepend", "replace"])
     p.add_argument("--max-duration", type=float, default=240.0)
+    p.add_argument("--long-audio", dest="long_audio", choices=["segments", "crop"], default=None,
+                   help="songs longer than --max-duration: cut into segments, or keep only the first part "
+                        "(default: Prepare's)")
+    p.add_argument("--no-detect-bpm", dest="detect_bpm", action="store_false", default=None,
+                   help="do not detect the tempo of samples that give none")
     p.set_defaults(run=_prepare)
 
-    t = sub.add_parser("train", help="train a LoRA on prepared tensors")
+    t = sub.add_parser("train", parents=[debug], help="train a LoRA on prepared tensors")
     t.add_argument("--tensor-dir", dest="tensor_dir", required=True)
     t.add_argument("--checkpoint-dir", dest="checkpoint_dir", required=True)
     t.add_argument("--output-dir", dest="output_dir", required=True)
@@ -77,24 +123,42 @@ def main(argv=None) -> int:
     t.add_argument("--grad-accum", dest="gradient_accumulation", type=int, default=1)
     t.add_argument("--save-every", dest="save_every_n_epochs", type=int, default=200)
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--resume-from", dest="resume_from", default="")
+    t.add_argument("--resume-from", dest="resume_from", default="", help="'latest' or a checkpoint folder")
     t.add_argument("--target-modules", dest="target_modules", default=DEFAULT_TARGETS)
     t.add_argument("--timestep-sampling", dest="timestep_sampling", default="auto", choices=TIMESTEP_SAMPLING)
     t.add_argument("--cfg-dropout", dest="cfg_dropout", type=float, default=0.15)
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", default="auto",
                    choices=["auto", "on", "off"])
     t.add_argument("--lora-name", dest="lora_name", default="")
-    t.add_argument("--loras-dir", dest="loras_dir", default=None, help="where the ComfyUI file goes")
+    t.add_argument("--loras-dir", dest="loras_dir", default=None,
+                   help="where the ComfyUI file goes (default: --output-dir); e.g. ComfyUI/models/loras, where the "
+                        "periodic checkpoints' LoRAs are also published as <name>/epoch_<N>.safetensors")
     t.add_argument("--device", default="auto")
     t.set_defaults(run=_train)
 
-    k = sub.add_parser("tiny-checkpoint", help="write a tiny official-layout checkpoint (tests, demos)")
+    k = sub.add_parser("tiny-checkpoint", parents=[debug], help="write a tiny official-layout checkpoint (tests, demos)")
     k.add_argument("path")
     k.add_argument("--variants", nargs="+", default=["turbo"], choices=["turbo", "base", "sft"])
     k.set_defaults(run=_tiny)
+    return parser
 
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # outside the steps that handle it (loading, a second Ctrl-C while saving)
+        if debug:
+            traceback.print_exc()
+        say("stopped")
+        return INTERRUPTED
+    except USER_ERRORS as error:
+        if debug:
+            traceback.print_exc()
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Crash-safe file writes: write to a temporary name in the same folder, fsync, then ``os.replace``.
 
-A reader (or a crash) never sees a half-written sample, tensor file, manifest or checkpoint.
+A reader (or a crash) never sees a half-written sample, tensor file, manifest or checkpoint. What is published gets
+the permissions the process's umask gives any new file or folder (as every other ComfyUI output), not the
+owner-only ones of temporary files (Python's mkstemp/mkdtemp, and safetensors, which writes every file through a
+0600 temporary of its own), so ComfyUI in Docker or as a service user can read it.
 """
 from __future__ import annotations
 
@@ -11,6 +14,21 @@ import os
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (``os.umask`` can only be read by
+    setting it, which for a moment changes it for every thread of the process, e.g. ComfyUI's server)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -24,6 +42,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # after the writer, which may have replaced the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -55,13 +74,15 @@ def atomic_directory(path: str) -> Iterator[str]:
     """Build a folder under a temporary name, then swap it in for ``path``.
 
     If ``path`` already exists it is moved aside first and removed only after the new folder is in place, so an
-    interruption at any moment leaves either the old or the new complete folder.
+    interruption at any moment leaves either the old or the new complete folder. Its contents get the modes the
+    umask gives new files and folders, whatever wrote them.
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        _umask_modes(tmp)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
@@ -73,6 +94,17 @@ def atomic_directory(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask_modes(root: str) -> None:
+    """Give ``root`` and everything in it a new file's / folder's usual modes (links are left alone)."""
+    umask = current_umask()
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for names, mode in ((dirs, 0o777 & ~umask), (files, 0o666 & ~umask)):
+            for name in names:
+                if not os.path.islink(os.path.join(folder, name)):
+                    os.chmod(os.path.join(folder, name), mode)
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

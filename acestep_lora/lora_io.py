@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 import torch
@@ -88,3 +89,10 @@ def unique_path(directory: str, name: str, ext: str = ".safetensors", same_run: 
             except Exception:
                 pass
         n += 1
+
+
+def publish_copy(source: str, target: str) -> str:
+    """Copy a finished LoRA file to ``target`` (e.g. where ComfyUI's loaders list LoRAs) atomically: a loader never
+    sees half a file."""
+    atomic_save(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target

@@ -11,6 +11,7 @@ import os
 import torch
 
 from .checkpoint import TEXT_ENCODER_DIR, require_dir, require_file
+from .console import library_bars_off
 from .prompts import CAPTION_MAX_TOKENS, LYRIC_MAX_TOKENS
 
 
@@ -64,7 +65,8 @@ def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = to
     if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "vocab.json")):
         require_file(os.path.join(directory, "tokenizer.json"), "Text encoder tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModel.from_pretrained(directory, **_dtype_kwarg(dtype))
+    with library_bars_off():  # no "Loading weights" bar inside Prepare's own progress display
+        model = AutoModel.from_pretrained(directory, **_dtype_kwarg(dtype))
     if not hasattr(model, "embed_tokens"):
         raise ValueError(f"{directory} did not load as a Qwen3 base model (got {type(model).__name__}); "
                          "it should be the Qwen3-Embedding-0.6B folder from ACE-Step/Ace-Step1.5.")

@@ -12,6 +12,8 @@ Follows the official trainer's objective and schedule, and fixes what it gets wr
   each of its samples computes alone; batches group samples of similar length;
 - Cancel (or running out of memory) saves a resumable checkpoint before the error propagates; a NaN/inf loss
   stops training and leaves the last good checkpoint untouched;
+- resuming after samples were removed or added continues on the dataset as it is now: samples are recognised by
+  Prepare's cache key, the step count and learning-rate schedule are recomputed, and the log says so;
 - the loss is read back to the host only every ``log_every`` optimizer steps, never every step.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ import torch
 from . import lora
 from .checkpoint import dit_dir, load_config, load_dit
 from .data import Batch, TensorDataset, collate, make_batches
+from .console import say
 from .device import compute_dtype, release_memory, resolve_device
 from .fileio import atomic_directory, atomic_write_text
-from .lora_io import save_comfy_lora, unique_path
+from .lora_io import publish_copy, save_comfy_lora, unique_path
 
 TURBO_SHIFT3_TIMESTEPS = (1.0, 0.9545454545454546, 0.9, 0.8333333333333334, 0.75, 0.6428571428571429, 0.5, 0.3)
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -46,6 +48,20 @@ STATE_FORMAT = 1
 
 class TrainingStopped(RuntimeError):
     """Training cannot continue (NaN/inf loss, out of memory); the message says why and what to change."""
+
+
+@dataclass
+class Resumable:
+    """Where a cancelled run stopped. Attached to the Cancel / Ctrl-C exception as ``error.resumable`` once the
+    checkpoint is saved, so whoever started the run (node, command line) tells the user how to continue."""
+
+    epoch: int
+    step: int
+    checkpoint: str
+
+    def message(self, how_to_continue: str) -> str:
+        return (f"stopped at epoch {self.epoch} step {self.step}; resumable checkpoint: {self.checkpoint} — "
+                f"{how_to_continue}")
 
 
 @dataclass
@@ -73,7 +89,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     trigger_tag: str = ""
     lora_name: str = ""
-    loras_dir: Optional[str] = None  # where the ComfyUI file goes (default: output_dir)
+    loras_dir: Optional[str] = None  # where the ComfyUI file goes (default: output_dir); when set, each periodic
+    # checkpoint's LoRA is also published there as <lora_name>/epoch_<N>.safetensors
     device: str = "auto"
     log_every: int = 10
     comfy_dtype: str = "bfloat16"
@@ -92,6 +109,7 @@ class TrainResult:
     summary: str = ""
     trigger_tag: str = ""
     history: list = field(default_factory=list)
+    epoch_loras: list = field(default_factory=list)  # the periodic checkpoints' files published in loras_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,6 +185,10 @@ def resolve_resume(resume_from: str, output_dir: str) -> Optional[str]:
                             f"'{output_dir}/checkpoints/epoch_200'), nor 'latest'.")
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _checkpoint_info(directory: str) -> dict:
     """The small checkpoint.json beside a training state (steps, epoch, identity, signature): read instead of the
     state itself, which holds the optimizer and can be hundreds of MB. Falls back to the state if it is missing."""
@@ -190,7 +212,7 @@ def _grad_scaler(device: torch.device):
     try:
         return torch.amp.GradScaler(device.type)
     except (RuntimeError, ValueError, TypeError):
-        print(f"[ACE-Step LoRA] no fp16 gradient scaler for {device.type} in this torch; training without one")
+        say(f"no fp16 gradient scaler for {device.type} in this torch; training without one")
         return None
 
 
@@ -212,6 +234,7 @@ class Trainer:
         self.model_cfg = load_config(cfg.checkpoint_dir, cfg.config_path)
         self.data = TensorDataset(cfg.tensor_dir)
         self._check_dataset()
+        self.sample_keys = self._sample_keys()
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = cfg.lora_name.strip() or os.path.basename(os.path.normpath(cfg.output_dir)) or "acestep_lora"
         self.lora_name = re.sub(r"[^\w.-]+", "_", self.lora_name)
@@ -220,6 +243,13 @@ class Trainer:
         self.finished_state = None
         if self.resume_dir is None:
             self._check_fresh_output_dir()
+
+    def _sample_keys(self) -> Optional[list]:
+        """Each sample's identity (Prepare's ``cache_key``) in dataset order; None when the manifest lacks them."""
+        keys = [entry.get("cache_key") for entry in self.data.manifest.get("samples_info") or []]
+        if len(keys) != len(self.data) or not all(keys) or len(set(keys)) != len(keys):
+            return None
+        return keys
 
     def _signature(self) -> dict:
         """Everything that determines the trained LoRA: same signature, same result."""
@@ -329,6 +359,8 @@ class Trainer:
         """Counters, logs and pending (not yet read back) losses of a fresh run; resume overwrites the first ones."""
         self.run_id = uuid.uuid4().hex[:12]
         self.step, self.history, self.epoch_log, self.log_lines = 0, [], [], []
+        self.notes = []  # {"note", "epoch", "step"}: events train_log.jsonl records between the epochs
+        self.epoch_loras = []  # periodic checkpoints' LoRA files published in loras_dir
         self.pending_steps = []  # (step, loss tensor, lr): not yet read back from the device
         self.pending_epochs = []  # (epoch, loss-sum tensor, micro-batches, lr, seconds)
         self.epoch_loss_snapshot = (0.0, 0)
@@ -409,6 +441,8 @@ class Trainer:
             "rng": rng, "data_rng": self.data_gen.get_state(), "history": self.history,
             "epoch_log": self.epoch_log, "epoch_loss": self.epoch_loss_snapshot,
             "identity": self._identity(), "signature": self._signature(),
+            "dataset_keys": self.sample_keys, "steps_per_epoch": self.steps_per_epoch, "notes": self.notes,
+            "epoch_loras": self.epoch_loras,
             "settings": {"lora_dropout": c.lora_dropout, "learning_rate": c.learning_rate,
                          "train_epochs": c.train_epochs, "batch_size": c.batch_size,
                          "gradient_accumulation": c.gradient_accumulation, "seed": c.seed,
@@ -465,10 +499,65 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.run_id, self.step = state["run_id"], state["global_step"]
         self.history, self.epoch_log = list(state["history"]), list(state["epoch_log"])
+        self.notes, self.epoch_loras = list(state.get("notes", [])), list(state.get("epoch_loras", []))
         self.data_gen.set_state(state["data_rng"])
         self._restore_rng(state["rng"])
         self.trigger_tag = state["settings"].get("trigger_tag", self.trigger_tag) or self.trigger_tag
         return state
+
+    def _follow_dataset(self, state: dict, epoch: int, order, next_batch: int):
+        """Continue on the dataset and settings as they are now; returns the interrupted epoch's remaining
+        ``(order, next_batch)`` and a note for the log when the schedule changed (None when it did not).
+
+        Unchanged, nothing moves and the run continues bit for bit. Changed (samples removed or added since the
+        checkpoint): the rest of an interrupted epoch keeps the samples that still exist, found by their key
+        (removed ones are dropped), new samples join from the next epoch, and the total step count — steps done +
+        the rest of this epoch + the remaining epochs x the new steps per epoch — and the learning-rate schedule
+        over it are recomputed (as they are when train_epochs, batch_size or gradient_accumulation changed).
+        ``epoch`` is the epoch to run next (``order`` not None: the interrupted one)."""
+        cfg, saved, now = self.cfg, state.get("dataset_keys"), self.sample_keys
+        keyed = saved is not None and now is not None
+        changed = saved != now if keyed else state["signature"]["dataset"] != self._signature()["dataset"]
+        what = ""
+        if changed:
+            if keyed:
+                gone, new = set(saved) - set(now), set(now) - set(saved)
+                what = f"{_plural(len(gone), 'sample')} removed, {len(new)} added"
+            else:
+                what = f"{state['settings']['dataset_size']} -> {len(self.data)} samples"
+            if order is not None:
+                if keyed:
+                    position = {key: i for i, key in enumerate(now)}
+                    rest = [[position[saved[i]] for i in batch if saved[i] in position] for batch in order[next_batch:]]
+                    order = [batch for batch in rest if batch]
+                else:  # which samples the rest of that epoch held is unknown (an older checkpoint): it ends here
+                    order = []
+                    what += "; the interrupted epoch ends here"
+                next_batch = 0
+        rest = 0
+        if order is not None and epoch <= cfg.train_epochs:
+            rest = math.ceil((len(order) - next_batch) / cfg.gradient_accumulation)
+        later = max(0, cfg.train_epochs - epoch + (1 if order is None else 0))
+        self.total_steps = self.step + rest + later * self.steps_per_epoch
+        self.warmup = warmup_for(self.total_steps, cfg.warmup_steps)
+        # The optimizer holds the rate for the next step from the checkpoint's schedule; recompute it from this one
+        # (the same number, bit for bit, when nothing changed).
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_factor(self.scheduler.last_epoch, self.total_steps, self.warmup)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        settings = [f"{k} {state['settings'].get(k)} -> {getattr(cfg, k)}"
+                    for k in ("train_epochs", "batch_size", "gradient_accumulation")
+                    if state["settings"].get(k) != getattr(cfg, k)]
+        if not changed and not settings:
+            return order, next_batch, None
+        old_steps = state.get("steps_per_epoch") or math.ceil(math.ceil(
+            state["settings"]["dataset_size"] / state["settings"]["batch_size"])
+            / state["settings"]["gradient_accumulation"])
+        reasons = ([f"dataset changed since the checkpoint: {what}"] if changed else []) + settings
+        note = (f"{'; '.join(reasons)}; {old_steps} -> {self.steps_per_epoch} steps per epoch, {self.total_steps} "
+                "steps in all; schedule recomputed")
+        self.notes.append({"note": note, "epoch": epoch, "step": self.step})
+        return order, next_batch, note
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -480,7 +569,7 @@ class Trainer:
             # arithmetic ~50x slower; flushing them to zero changes nothing measurable.
             torch.set_flush_denormal(True)
         self._build()
-        start_epoch, next_batch, order, epoch_loss = 1, 0, None, (0.0, 0)
+        start_epoch, next_batch, order, epoch_loss, note = 1, 0, None, (0.0, 0), None
         if self.resume_dir is not None:
             state = self._resume()
             if state["epoch_order"] is None:  # saved at the end of an epoch
@@ -488,14 +577,16 @@ class Trainer:
             else:  # saved mid-epoch (Cancel / out of memory): continue that epoch where it stopped
                 start_epoch, next_batch, order = state["epoch"], state["next_batch"], state["epoch_order"]
                 epoch_loss = tuple(state["epoch_loss"])
+            order, next_batch, note = self._follow_dataset(state, start_epoch, order, next_batch)
         os.makedirs(cfg.output_dir, exist_ok=True)
         self._rewrite_jsonl()
-        header = (f"ACE-Step LoRA: {len(self.data)} samples, {cfg.train_epochs} epochs x {self.steps_per_epoch} "
-                  f"steps = {self.total_steps} steps, rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, lr "
-                  f"{cfg.learning_rate}, {self.sampling} timesteps, {self.device.type}/{str(self.dtype)[6:]}, "
-                  f"{sum(p.numel() for p in self.params):,} trainable parameters"
-                  + (f", resumed from {self.resume_dir} at step {self.step}" if self.resume_dir else ""))
-        print(f"[ACE-Step LoRA] {header}")
+        header = (f"training on {_plural(len(self.data), 'sample')}: {_plural(cfg.train_epochs, 'epoch')} of "
+                  f"{_plural(self.steps_per_epoch, 'step')}, {self.total_steps} steps in all, rank {cfg.lora_rank}, "
+                  f"alpha {cfg.lora_alpha:g}, lr {cfg.learning_rate:g}, {self.sampling} timesteps, "
+                  f"{self.device.type}/{str(self.dtype)[6:]}, {sum(p.numel() for p in self.params):,} trainable "
+                  "parameters" + (f", resumed from {self.resume_dir} at step {self.step}" if self.resume_dir else "")
+                  + (f"\n{note}" if note else ""))
+        say(header)
         self.log_lines = [header]
         self.started, self.steps_at_start, self.current_epoch = time.time(), self.step, start_epoch
         try:
@@ -504,15 +595,29 @@ class Trainer:
                 next_batch, order, epoch_loss = 0, None, (0.0, 0)
                 if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
                     self._flush()
-                    self._write_checkpoint(os.path.join(cfg.output_dir, "checkpoints", f"epoch_{epoch}"),
-                                           self._state(epoch, 0, None, self._rng_snapshot()),
-                                           f"{self.lora_name}_epoch_{epoch}.safetensors")
+                    self._save_epoch(epoch)
             self._flush()
             return self._finish()
         finally:
             if self.device.type == "cpu":
                 torch.set_flush_denormal(False)
             release_memory(self.device)
+
+    def _save_epoch(self, epoch: int) -> None:
+        """A periodic checkpoint; with a ``loras_dir``, its LoRA also goes where ComfyUI's LoRA loaders list it,
+        ``<loras_dir>/<lora_name>/epoch_<N>.safetensors`` (never replacing another run's file), so epochs can be
+        compared without copying files."""
+        directory = os.path.join(self.cfg.output_dir, "checkpoints", f"epoch_{epoch}")
+        name = f"{self.lora_name}_epoch_{epoch}.safetensors"
+        published = None
+        if self.cfg.loras_dir:
+            published = unique_path(os.path.join(self.cfg.loras_dir, self.lora_name), f"epoch_{epoch}",
+                                    same_run=self.run_id)
+            if published not in self.epoch_loras:
+                self.epoch_loras.append(published)
+        self._write_checkpoint(directory, self._state(epoch, 0, None, self._rng_snapshot()), name)
+        if published is not None:
+            publish_copy(os.path.join(directory, name), published)
 
     def _run_epoch(self, epoch: int, first_batch: int, order, epoch_loss):
         cfg = self.cfg
@@ -553,6 +658,7 @@ class Trainer:
                 self._save_interrupted(epoch, group_start, order, group_rng, (float(snapshot[0]), snapshot[1]))
                 if oom:
                     raise TrainingStopped(self._oom_message()) from error
+                error.resumable = Resumable(epoch, self.step, self.interrupted_checkpoint)
             raise
         self.pending_epochs.append((epoch, loss_sum, count, self.last_lr, time.time() - epoch_start))
         if self.device.type == "cpu":
@@ -614,7 +720,7 @@ class Trainer:
             with open(os.path.join(self.cfg.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
         if self.pending_epochs and (time.time() - self.last_print > 10 or self.step == self.total_steps):
-            print(f"[ACE-Step LoRA] {self.log_lines[-1]}")
+            say(self.log_lines[-1])
             self.last_print = time.time()
         self.pending_steps, self.pending_epochs = [], []
         if self.progress is not None and new_points:
@@ -633,7 +739,10 @@ class Trainer:
             f"{self.cfg.learning_rate}) or check the data. The last good checkpoint is kept: {last}.")
 
     def _rewrite_jsonl(self):
-        text = "".join(json.dumps(e) + "\n" for e in self.epoch_log)
+        """train_log.jsonl from the state: the epochs, and the notes where they happened (sorted by step; a note
+        after the epoch entries of its step)."""
+        entries = sorted(self.epoch_log + self.notes, key=lambda e: (e["step"], "note" in e))
+        text = "".join(json.dumps(e) + "\n" for e in entries)
         atomic_write_text(os.path.join(self.cfg.output_dir, "train_log.jsonl"), text)
 
     def _save_interrupted(self, epoch, next_batch, order, rng, epoch_loss):
@@ -641,8 +750,6 @@ class Trainer:
         directory = os.path.join(self.cfg.output_dir, "checkpoints", f"cancelled_epoch_{epoch}_step_{self.step}")
         self._write_checkpoint(directory, self._state(epoch, next_batch, order, rng),
                                f"{self.lora_name}_step_{self.step}.safetensors")
-        print(f"[ACE-Step LoRA] stopped at epoch {epoch}, step {self.step}; resumable checkpoint: {directory} "
-              "(set resume_from to 'latest' to continue)")
         self.interrupted_checkpoint = directory
 
     def _oom_message(self) -> str:
@@ -661,18 +768,25 @@ class Trainer:
         loras_dir = cfg.loras_dir or cfg.output_dir
         comfy_path = unique_path(loras_dir, self.lora_name, same_run=self.run_id)
         if os.path.abspath(os.path.dirname(comfy_path)) != os.path.abspath(final_dir):
-            shutil.copyfile(os.path.join(final_dir, f"{self.lora_name}.safetensors"), comfy_path + ".tmp")
-            os.replace(comfy_path + ".tmp", comfy_path)
+            publish_copy(os.path.join(final_dir, f"{self.lora_name}.safetensors"), comfy_path)
         final_loss = self.epoch_log[-1]["loss"] if self.epoch_log else float("nan")
         elapsed = time.time() - self.started
         summary = (f"done: {cfg.train_epochs} epochs, {self.step} steps in {_fmt_seconds(elapsed)}; final loss "
-                   f"{final_loss:.5f}\nPEFT adapter: {os.path.join(final_dir, 'adapter')}\nComfyUI LoRA: {comfy_path}")
+                   f"{final_loss:.5f}\n" + self._files_text(final_dir, comfy_path, self.epoch_loras))
         self.log_lines.append(summary)
-        print(f"[ACE-Step LoRA] {summary}")
+        say(summary)
         return TrainResult(cfg.output_dir, os.path.join(final_dir, "adapter"), comfy_path, cfg.train_epochs,
                            self.step, final_loss, _compact_log(self.log_lines), self.run_id, summary,
-                           self.trigger_tag, self.history)
+                           self.trigger_tag, self.history, list(self.epoch_loras))
 
+    def _files_text(self, final_dir: str, comfy_path: str, epoch_loras: list) -> str:
+        """Where the run's files are, for the summary."""
+        lines = [f"PEFT adapter: {os.path.join(final_dir, 'adapter')}", f"ComfyUI LoRA: {comfy_path}"]
+        if epoch_loras:
+            names = [os.path.relpath(p, self.cfg.loras_dir) if self.cfg.loras_dir else p for p in epoch_loras]
+            shown = names if len(names) <= 8 else [*names[:3], "...", *names[-3:]]
+            lines.append(f"per-epoch LoRAs ({len(names)}) in {self.cfg.loras_dir}: {', '.join(shown)}")
+        return "\n".join(lines)
 
     def _reuse_finished(self) -> TrainResult:
         state, cfg = self.finished_state, self.cfg
@@ -681,17 +795,17 @@ class Trainer:
         source = os.path.join(final_dir, f"{self.lora_name}.safetensors")
         comfy_path = unique_path(cfg.loras_dir or cfg.output_dir, self.lora_name, same_run=self.run_id)
         if not os.path.exists(comfy_path) and os.path.isfile(source):
-            shutil.copyfile(source, comfy_path + ".tmp")
-            os.replace(comfy_path + ".tmp", comfy_path)
+            publish_copy(source, comfy_path)
         log = state["epoch_log"]
         final_loss = log[-1]["loss"] if log else float("nan")
+        epoch_loras = [p for p in state.get("epoch_loras", []) if os.path.isfile(p)]
         summary = (f"already trained with these settings: reused {final_dir} (choose another output_dir, or delete "
-                   f"this one, to train again)\nPEFT adapter: {os.path.join(final_dir, 'adapter')}\n"
-                   f"ComfyUI LoRA: {comfy_path}")
-        print(f"[ACE-Step LoRA] {summary}")
+                   "this one, to train again; raise train_epochs with resume_from = latest to train longer)\n"
+                   + self._files_text(final_dir, comfy_path, epoch_loras))
+        say(summary)
         return TrainResult(cfg.output_dir, os.path.join(final_dir, "adapter"), comfy_path, state["epoch"],
                            state["global_step"], final_loss, summary, self.run_id, summary,
-                           state["settings"].get("trigger_tag", ""), list(state["history"]))
+                           state["settings"].get("trigger_tag", ""), list(state["history"]), epoch_loras)
 
 
 def _fmt_seconds(seconds) -> str:

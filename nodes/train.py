@@ -4,8 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from tqdm import tqdm
-
+from ..acestep_lora.console import TrainingBar, say
 from ..acestep_lora.device import DEVICE_CHOICES
 from ..acestep_lora.train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainConfig, train_lora
 from . import comfy
@@ -20,12 +19,12 @@ RUNS: dict = {}
 
 
 class LiveProgress:
-    """Training progress for people: the node's progress bar with the loss-curve image, the console bar, and the
-    browser chart's websocket messages and history (RUNS)."""
+    """Training progress for people: the node's progress bar with the loss-curve image, the console bar (the
+    engine's log lines print above it), and the browser chart's websocket messages and history (RUNS)."""
 
     def __init__(self, node_id: str, output_dir: str):
         self.node_id, self.output_dir = node_id, output_dir
-        self.bar = self.console = None
+        self.bar, self.console = None, TrainingBar()
         self.last_preview = 0.0
         self.run = RUNS.setdefault(node_id, {})
         # output_dir as typed on the node: the chart shows a run only on the node that started it
@@ -34,12 +33,9 @@ class LiveProgress:
     def update(self, info: dict) -> None:
         if self.bar is None:
             self.bar = comfy.Progress(info["total_steps"], node_id=self.node_id)
-            self.console = tqdm(total=info["total_steps"], initial=info["step"] - 1, desc="ACE-Step LoRA",
-                                unit="step", dynamic_ncols=True)
-        self.console.update(info["step"] - self.console.n)
+        self.console.update(info)
         preview = None
         if info["new_points"]:
-            self.console.set_postfix(loss=f"{info['loss']:.4f}", epoch=info["epoch"], refresh=False)
             self.run["points"].extend(info["new_points"])
             self.run.update({k: info[k] for k in ("step", "total_steps", "epoch", "total_epochs", "eta", "elapsed")})
             comfy.send_event(EVENT, {"node": self.node_id, "output_dir": self.output_dir, "points": info["new_points"],
@@ -52,8 +48,7 @@ class LiveProgress:
 
     def close(self) -> None:
         self.run["done"] = True
-        if self.console is not None:
-            self.console.close()
+        self.console.close()
 
 
 class TrainLoRA:
@@ -101,7 +96,8 @@ class TrainLoRA:
                                                   "extra memory)."}),
                 "save_every_n_epochs": ("INT", {"default": 200, "min": 0, "max": 10000, "tooltip": "Checkpoint "
                                                 "(adapter + resumable state + ComfyUI file) every N epochs; 0 = "
-                                                "only at the end."}),
+                                                "only at the end. Each checkpoint's LoRA is also listed in "
+                                                "LoraLoaderModelOnly as <output_dir name>/epoch_N."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                                  "tooltip": "Same seed and data give the same LoRA."}),
                 "resume_from": ("STRING", {"default": "", "tooltip": "Empty: new run. 'latest': continue the "
@@ -153,6 +149,12 @@ class TrainLoRA:
         live = LiveProgress(str(unique_id), output_dir)
         try:
             result = train_lora(cfg, progress=live.update, check_cancel=comfy.check_interrupt)
+        except BaseException as error:  # Cancel: say where the run can be continued from
+            live.close()
+            resumable = getattr(error, "resumable", None)
+            if resumable is not None:
+                say(resumable.message("queue it again with resume_from = latest to continue"))
+            raise
         finally:
             live.close()
         loras_dir = comfy.loras_directory()
@@ -163,6 +165,8 @@ class TrainLoRA:
             "rank": lora_rank, "alpha": lora_alpha, "config_path": config_path, "target_modules": target_modules,
             "trigger_tag": result.trigger_tag, "epochs": result.epochs, "steps": result.steps,
             "final_loss": result.final_loss, "output_dir": result.output_dir,
+            "epoch_loras": [os.path.relpath(p, loras_dir) if p.startswith(loras_dir) else p
+                            for p in result.epoch_loras],
         }
         return {"ui": {"text": [result.summary]}, "result": (lora_info, result.log)}
 

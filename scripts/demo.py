@@ -45,11 +45,12 @@ def run():
     else:
         import torch
 
+        from acestep_lora.console import library_bars_off
         from acestep_lora.testing import make_tiny_checkpoint
 
         torch.set_num_threads(1)  # the tiny models gain nothing from threads; a busy CPU makes them spin-wait
-
-        ckpt = make_tiny_checkpoint(os.path.join(out, "checkpoints"))
+        with library_bars_off():
+            ckpt = make_tiny_checkpoint(os.path.join(out, "checkpoints"))
     seconds = float(os.environ.get("DEMO_SECONDS", 20 if real else 8))
     epochs = int(os.environ.get("DEMO_EPOCHS", 2 if real else 40))
     print(f"checkpoint: {ckpt} ({'official weights' if real else 'tiny generated checkpoint'})")
@@ -86,12 +87,13 @@ def run():
         lora_alpha=16 if not real else 128, lora_dropout=0.0, learning_rate=1e-3 if not real else 3e-4,
         train_epochs=epochs, batch_size=2, gradient_accumulation=1, save_every_n_epochs=max(1, epochs // 2),
         seed=42, resume_from="", target_modules="q_proj,k_proj,v_proj,o_proj")
-    lora_info, log = trained["result"]
-    print("4. " + "\n   ".join(log.splitlines()[-4:]))
-    print("\nLoRA files:")
-    print(f"  PEFT adapter (kaola lora_info / official app): {lora_info['path']}")
-    print(f"  ComfyUI LoRA (LoraLoaderModelOnly, alpha baked in): {lora_info['comfy_lora_path']}")
-    print(f"  checkpoints and train_log.jsonl: {lora_info['output_dir']}")
+    lora_info, _ = trained["result"]
+    # Train printed its summary (where each file is) once; say what each file is for, without repeating it.
+    print(f"4. trained {lora_info['epochs']} epochs, {lora_info['steps']} steps; final loss "
+          f"{lora_info['final_loss']:.4f}")
+    print("\nThe PEFT adapter is for kaola's ACE-Step nodes (lora_info) and the official app; the ComfyUI LoRA loads "
+          "in LoraLoaderModelOnly at strength 1.0 (alpha baked in), as do the per-epoch files beside it; checkpoints "
+          f"and train_log.jsonl are in {lora_info['output_dir']}.")
     print(f"demo finished in {time.time() - started:.0f} s; {len(state.server.messages)} live chart messages sent")
 
 

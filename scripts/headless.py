@@ -3,8 +3,10 @@
 ``install(base_dir)`` registers ``folder_paths``, ``comfy.utils``, ``comfy.model_management`` and ``server`` in
 ``sys.modules`` (behaving like ComfyUI 0.20's: output/models folders, a ProgressBar that records its updates, the
 interrupt flag and ``InterruptProcessingException``, a PromptServer that records ``send_sync`` messages).
-``load_pack()`` imports this repository as a package, as ComfyUI does from ``custom_nodes/``. Used by the demo and
-the node tests; never by the pack itself.
+``load_pack()`` imports this repository as a package exactly as ComfyUI 0.20 loads a folder under ``custom_nodes/``
+(``nodes.load_custom_node``): the module is named after the folder's path with "." replaced by "_x_", so the pack
+must work under a name that is no Python identifier (``.../custom_nodes/acestep-lora``). Used by the demo and the
+node tests; never by the pack itself.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import sys
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_NAME = "acestep_lora_pack"
 
 
 class InterruptProcessingException(Exception):
@@ -99,8 +100,9 @@ def install(base_dir: str) -> types.SimpleNamespace:
     return state
 
 
-def load_pack(name: str = PACK_NAME):
-    """Import the repository root as a package (relative imports resolve as under custom_nodes/)."""
+def load_pack(name: str = ""):
+    """Import the repository root as a package, named as ComfyUI names it (relative imports resolve as there)."""
+    name = name or ROOT.replace(".", "_x_")
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),

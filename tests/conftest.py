@@ -18,6 +18,27 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "acestep15_tiny")
 torch.set_num_threads(1)
 
 
+class _RootIsAFolderNotAPackage:
+    """The repository root is a ComfyUI node pack: its ``__init__.py`` is the entry point ComfyUI loads as a package
+    from ``custom_nodes/<folder>``. pytest would collect the root as a package too and import that file in setup,
+    under a name made from the checkout folder: an ImportError wherever that name is not a Python identifier
+    (``acestep-lora``, the name the README clones into), and the whole pack imported under a stray name elsewhere.
+    Collected as a plain folder, the root ``__init__.py`` is only ever loaded the way ComfyUI loads it
+    (``scripts/headless.py``), whatever the folder is called."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if os.path.isfile(os.path.join(path, "__init__.py")) and os.path.samefile(path, ROOT):
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    # A plugin rather than a conftest hook: conftest hooks only see paths below their own folder, not the root.
+    if hasattr(pytest, "Dir"):  # pytest >= 8, as requirements-dev.txt asks
+        config.pluginmanager.register(_RootIsAFolderNotAPackage(), "acestep-lora-root-folder")
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A complete official-layout checkpoint folder with acestep-v15-turbo and acestep-v15-base."""

@@ -1,12 +1,37 @@
-"""The command line runs the same prepare/train core as the nodes."""
+"""The command line runs the same prepare/train core as the nodes, and talks to people, not to debuggers."""
+import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 
+import pytest
 import soundfile as sf
 
+from acestep_lora import prepare as prepare_mod
 from acestep_lora.__main__ import main
+from acestep_lora.prepare import PrepareSettings, prepare_dataset
 
-from test_prepare import tone
+from test_prepare import item, tone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "[ACE-Step LoRA]"
+
+
+def run_cli(*args, cwd, timeout=300):
+    """``python -m acestep_lora ...`` in a child process, as a user starts it."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "acestep_lora", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tensors(tiny_ckpt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tensors"))
+    prepare_dataset([item("a", 1.0), item("b", 1.2)], out, PrepareSettings(tiny_ckpt, device="cpu"))
+    return out
 
 
 def test_cli_prepare_then_train(tiny_ckpt, tmp_path, capsys):
@@ -18,10 +43,98 @@ def test_cli_prepare_then_train(tiny_ckpt, tmp_path, capsys):
                                                       "keyscale": "Am"}))
     assert main(["prepare", "--samples-dir", str(songs), "--output", str(tmp_path / "t"), "--checkpoint-dir",
                  tiny_ckpt, "--device", "cpu"]) == 0
-    assert "2 encoded" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out.count("2 encoded") == 1  # the status, once
+    assert "Loading weights" not in err  # transformers' own bar stays out of ours
     assert main(["train", "--tensor-dir", str(tmp_path / "t"), "--checkpoint-dir", tiny_ckpt, "--output-dir",
                  str(tmp_path / "run"), "--rank", "4", "--alpha", "8", "--epochs", "2", "--save-every", "1",
                  "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "ComfyUI LoRA:" in out and os.path.isfile(tmp_path / "run" / "run.safetensors")
+    assert out.count("ComfyUI LoRA:") == 1 and os.path.isfile(tmp_path / "run" / "run.safetensors")  # summary once
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "epoch_1")
+    lines = out.splitlines()
+    assert lines and all(line.startswith(PREFIX + " ") for line in lines), out  # one prefix per line, nothing else
+    assert f"{PREFIX} {PREFIX}" not in out and f"{PREFIX} ACE-Step LoRA" not in out
+    assert "training on 2 samples: 2 epochs of 2 steps, 4 steps in all" in out
+
+
+def test_a_user_error_is_one_message_without_traceback(tiny_ckpt, tmp_path):
+    run = run_cli("train", "--tensor-dir", str(tmp_path / "missing"), "--checkpoint-dir", tiny_ckpt,
+                  "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr + run.stdout
+    assert run.stderr.splitlines() == [f"python -m acestep_lora: error: tensor_dir '{tmp_path / 'missing'}' does not "
+                                       "exist. Connect the tensor_dir output of 'ACE-Step LoRA Prepare Training "
+                                       "Data' (or type the folder it wrote)."]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_shows_the_traceback(tiny_ckpt, tensors, tmp_path, capsys, debug):
+    argv = ["train", "--tensor-dir", tensors, "--checkpoint-dir", tiny_ckpt, "--output-dir", str(tmp_path),
+            "--batch-size", "5", "--device", "cpu"] + (["--debug"] if debug else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("error: batch_size 5 is larger than the dataset (2 samples); use batch_size <= 2 "
+                                 "or add samples.")
+    assert ("Traceback (most recent call last)" in err) == debug
+
+
+def test_ctrl_c_names_the_checkpoint_and_exits_130(tiny_ckpt, tensors, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "acestep_lora", "train", "--tensor-dir", tensors,
+                             "--checkpoint-dir", tiny_ckpt, "--output-dir", str(tmp_path / "run"), "--rank", "4",
+                             "--alpha", "8", "--epochs", "1000", "--save-every", "0", "--device", "cpu"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stdout:  # wait until training runs: the first epoch's line
+            seen.append(line)
+            if "epoch 1/1000" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.stdout.read()
+        code = proc.wait()
+    finally:
+        watchdog.cancel()
+    output = "".join(seen) + rest
+    assert code == 130 and "Traceback" not in output, output
+    stops = [line for line in rest.splitlines() if "stopped" in line]
+    assert len(stops) == 1 and rest.rstrip().endswith(stops[0]), rest
+    if "resumable checkpoint: " in stops[0]:  # Ctrl-C between two steps (not at an epoch's end) saves one
+        folder = stops[0].split("resumable checkpoint: ")[1].split(" — ")[0]
+        assert stops[0].startswith(f"{PREFIX} stopped at epoch ") and stops[0].endswith(
+            "— run again with --resume-from latest")
+        assert os.path.isfile(os.path.join(folder, "training_state.pt"))
+
+
+@dataclasses.dataclass
+class NewerSettings(PrepareSettings):
+    long_audio: str = "segments"
+    detect_bpm: bool = True
+
+
+@pytest.mark.parametrize("settings_class", [PrepareSettings, NewerSettings])
+def test_prepare_passes_long_audio_and_bpm_only_where_prepare_has_them(tmp_path, monkeypatch, capsys,
+                                                                       settings_class):
+    sf.write(tmp_path / "s.wav", tone(0.5, rate=48000).T.numpy(), 48000)
+    (tmp_path / "s.json").write_text(json.dumps({"caption": "c"}))
+    seen = {}
+
+    def fake_prepare(items, output_dir, settings, progress=None):
+        seen["settings"] = settings
+        return prepare_mod.PrepareResult(output_dir, "status line", 1, 0)
+
+    monkeypatch.setattr(prepare_mod, "PrepareSettings", settings_class)
+    monkeypatch.setattr(prepare_mod, "prepare_dataset", fake_prepare)
+    assert main(["prepare", "--samples-dir", str(tmp_path), "--output", str(tmp_path / "t"), "--checkpoint-dir",
+                 "ckpt", "--long-audio", "crop", "--no-detect-bpm"]) == 0
+    out = capsys.readouterr().out
+    fields = {f.name for f in dataclasses.fields(settings_class)}
+    if "long_audio" in fields:
+        assert (seen["settings"].long_audio, seen["settings"].detect_bpm) == ("crop", False)
+        assert "not supported" not in out
+    else:
+        assert "--long-audio is not supported by this version's Prepare; ignored" in out
+        assert "--no-detect-bpm is not supported by this version's Prepare; ignored" in out
+    assert out.count("status line") == 1

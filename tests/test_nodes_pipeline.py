@@ -157,6 +157,10 @@ def test_train_node_end_to_end(comfy, tiny_ckpt, prepared):
     assert lora_info["comfy_lora_path"] == os.path.join(comfy.models, "loras", "mylora.safetensors")
     assert lora_info["comfy_lora_name"] == "mylora.safetensors"
     assert lora_info["rank"] == 8 and lora_info["alpha"] == 16 and lora_info["config_path"] == "acestep-v15-turbo"
+    # the epoch-2 checkpoint's LoRA, where LoraLoaderModelOnly lists it (as "mylora/epoch_2.safetensors")
+    assert lora_info["epoch_loras"] == ["mylora/epoch_2.safetensors"]
+    assert os.path.isfile(os.path.join(comfy.models, "loras", "mylora", "epoch_2.safetensors"))
+    assert "mylora/epoch_2.safetensors" in out["ui"]["text"][0]
     assert "epoch 3/3" in log and isinstance(log, str)
     assert comfy.unloaded == unloaded_before + 1  # ComfyUI was asked to unload its models first
     bar = comfy.progress[-1]
@@ -193,6 +197,54 @@ def test_train_node_cancel_then_resume_latest(comfy, tiny_ckpt, prepared):
     assert any(d.startswith("cancelled_epoch_2") for d in os.listdir(os.path.join(run, "checkpoints")))
     out = train.train(**train_args(prepared, tiny_ckpt, resume_from="latest"))
     assert out["result"][0]["steps"] == 6
+
+
+def test_cancel_says_where_to_continue_once(comfy, tiny_ckpt, prepared, capsys):
+    module = node_module(comfy, "train")
+    original = module.comfy.check_interrupt
+    calls = [0]
+
+    def press_cancel_at_fourth_batch():
+        calls[0] += 1
+        if calls[0] == 4:
+            comfy.interrupt()
+        original()
+
+    module.comfy.check_interrupt = press_cancel_at_fourth_batch
+    try:
+        with pytest.raises(comfy.InterruptProcessingException), torch.inference_mode():
+            module.TrainLoRA().train(**train_args(prepared, tiny_ckpt))
+    finally:
+        module.comfy.check_interrupt = original
+    out = capsys.readouterr().out
+    folder = os.path.join(comfy.output, "runs", "mylora", "checkpoints", "cancelled_epoch_2_step_3")
+    assert [line for line in out.splitlines() if "stopped" in line] == [
+        f"[ACE-Step LoRA] stopped at epoch 2 step 3; resumable checkpoint: {folder} — queue it again with "
+        "resume_from = latest to continue"]
+
+
+@pytest.fixture()
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_are_readable_by_everyone_under_umask_022(umask_022, comfy, tiny_ckpt, tmp_path):
+    """ComfyUI in Docker or as a service user must read what the pack writes: tensors, manifest, checkpoints,
+    LoRA files, logs — the modes the umask gives (0644 / 0755), not temporary files' owner-only 0600 / 0700."""
+    files = [write_wav(str(tmp_path / f"{i}.wav")) for i in range(2)]
+    tensor_dir = call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b")["result"][0]
+    with torch.inference_mode():
+        node_module(comfy, "train").TrainLoRA().train(**train_args(tensor_dir, tiny_ckpt, save_every_n_epochs=1))
+    checked = 0
+    for top in (tensor_dir, os.path.join(comfy.output, "runs"), os.path.join(comfy.models, "loras")):
+        for folder, dirs, names in os.walk(top):
+            assert os.stat(folder).st_mode & 0o777 == 0o755, folder
+            for name in names:
+                assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, os.path.join(folder, name)
+                checked += 1
+    assert checked >= 20  # tensors + manifest, 2 checkpoints + final (adapter, state, json, LoRA), loras, log
 
 
 def test_second_run_with_same_name_does_not_replace_the_first_file(comfy, tiny_ckpt, prepared):

@@ -205,14 +205,107 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_
         if calls[0] == 8:  # epoch 3, second micro-batch: inside an accumulation group
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupt:
         train_lora(config(tiny_ckpt, tensors, tmp_path / "run", train_epochs=4, save_every_n_epochs=0,
                           gradient_accumulation=2), check_cancel=cancel_mid_epoch)
     saved = os.listdir(tmp_path / "run" / "checkpoints")
     assert len(saved) == 1 and saved[0].startswith("cancelled_epoch_3_step_4")
+    # the caller (node, command line) learns where to continue from, to tell the user
+    where = interrupt.value.resumable
+    assert (where.epoch, where.step) == (3, 4) and where.checkpoint == str(tmp_path / "run" / "checkpoints" / saved[0])
+    assert where.message("go on").startswith(f"stopped at epoch 3 step 4; resumable checkpoint: {where.checkpoint}")
     resumed = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", train_epochs=4, save_every_n_epochs=0,
                                 gradient_accumulation=2, resume_from="latest"))
     assert losses(resumed) == losses(full) and resumed.steps == full.steps == 8
+
+
+def rewrite_samples(tensor_dir, remove=(), add=()):
+    """Change a prepared folder as removing songs and adding others, then running Prepare again, would: ``remove``
+    drops samples by name; each name in ``add`` becomes a new sample (a copy of the last one's tensors under a new
+    file name and cache key)."""
+    path = os.path.join(tensor_dir, "manifest.json")
+    manifest = json.load(open(path))
+    info = [entry for entry in manifest["samples_info"] if entry["name"] not in remove]
+    template = manifest["samples_info"][-1]
+    for name in add:
+        entry = dict(template, name=name, file=f"{name}_added.pt", cache_key=f"{name}-new-key")
+        shutil.copy(os.path.join(tensor_dir, template["file"]), os.path.join(tensor_dir, entry["file"]))
+        info.append(entry)
+    manifest.update(samples_info=info, samples=[e["file"] for e in info], num_samples=len(info))
+    json.dump(manifest, open(path, "w"))
+
+
+def test_resume_after_the_dataset_changed_mid_epoch(tiny_ckpt, tensors, tmp_path, capsys):
+    """Cancel mid-epoch, remove two songs and add one, Prepare again, resume latest (an IndexError once): the rest
+    of the epoch keeps the samples that still exist, the step count and the schedule are recomputed, and the log
+    says so."""
+    data = str(tmp_path / "tensors")
+    shutil.copytree(tensors, data)
+    calls = [0]
+
+    def cancel_in_epoch_2():
+        calls[0] += 1
+        if calls[0] == 5:  # epoch 2, second batch: step 4 done
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(config(tiny_ckpt, data, tmp_path / "run", save_every_n_epochs=0), check_cancel=cancel_in_epoch_2)
+    (cancelled,) = (tmp_path / "run" / "checkpoints").iterdir()
+    state = torch.load(cancelled / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"], state["next_batch"]) == (2, 4, 1)
+
+    rewrite_samples(data, remove=["a", "b"], add=["d"])  # 3 -> 2 samples: 3 -> 2 steps per epoch
+    left = [batch for batch in state["epoch_order"][1:]
+            if any(state["dataset_keys"][i] in {e["cache_key"] for e in json.load(open(f"{data}/manifest.json"))
+                                                ["samples_info"]} for i in batch)]
+    total = 4 + len(left) + 2 * 2  # steps done + the rest of epoch 2 + epochs 3 and 4
+    result = train_lora(config(tiny_ckpt, data, tmp_path / "run", save_every_n_epochs=0, resume_from="latest"))
+
+    assert result.steps == total and [p[0] for p in result.history] == list(range(1, total + 1))
+    note = (f"dataset changed since the checkpoint: 2 samples removed, 1 added; 3 -> 2 steps per epoch, {total} "
+            "steps in all; schedule recomputed")
+    assert note in result.log and note in capsys.readouterr().out
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
+    assert [e.get("epoch") for e in lines if "loss" in e] == [1, 2, 3, 4]
+    assert [e for e in lines if "note" in e] == [{"note": note, "epoch": 2, "step": 4}]
+    assert lines.index({"note": note, "epoch": 2, "step": 4}) == 1  # after epoch 1, before epoch 2 ended
+    # the learning rate followed the recomputed schedule to its end
+    final_lr = 2e-3 * lr_factor(total - 1, total, warmup_for(total, 2))
+    assert result.history[-1][2] == pytest.approx(final_lr, rel=1e-9) and final_lr < 2e-3 * 0.05
+
+
+def test_resume_after_the_dataset_changed_at_an_epoch_end(tiny_ckpt, tensors, tmp_path):
+    """A finished run resumed for one more epoch on a smaller dataset: 2 x 3 steps done, then 1 x 2."""
+    data = str(tmp_path / "tensors")
+    shutil.copytree(tensors, data)
+    train_lora(config(tiny_ckpt, data, tmp_path / "run", train_epochs=2, save_every_n_epochs=0))
+    rewrite_samples(data, remove=["b"])
+    result = train_lora(config(tiny_ckpt, data, tmp_path / "run", train_epochs=3, save_every_n_epochs=0,
+                               resume_from="latest"))
+    assert result.steps == 8 and [p[0] for p in result.history] == list(range(1, 9))
+    assert ("dataset changed since the checkpoint: 1 sample removed, 0 added; train_epochs 2 -> 3; 3 -> 2 steps per "
+            "epoch, 8 steps in all; schedule recomputed") in result.log
+    assert result.history[-1][2] == pytest.approx(2e-3 * lr_factor(7, 8, warmup_for(8, 2)), rel=1e-9)
+
+
+def test_epoch_loras_are_published_for_comfyui(tiny_ckpt, tensors, tmp_path):
+    """Periodic checkpoints' LoRAs go to <loras_dir>/<lora_name>/epoch_N.safetensors; another run's stay."""
+    loras = tmp_path / "loras"
+    first = train_lora(config(tiny_ckpt, tensors, tmp_path / "one" / "song", loras_dir=str(loras),
+                              train_epochs=4, save_every_n_epochs=1))
+    published = [str(loras / "song" / f"epoch_{n}.safetensors") for n in (1, 2, 3)]
+    assert first.epoch_loras == published
+    for n, path in zip((1, 2, 3), published):
+        copy = tmp_path / "one" / "song" / "checkpoints" / f"epoch_{n}" / f"song_epoch_{n}.safetensors"
+        assert open(path, "rb").read() == copy.read_bytes()
+    assert "per-epoch LoRAs (3) in " + str(loras) + ": song/epoch_1.safetensors, song/epoch_2.safetensors" \
+        in first.summary
+    before = [open(p, "rb").read() for p in published]
+    second = train_lora(config(tiny_ckpt, tensors, tmp_path / "two" / "song", loras_dir=str(loras), seed=7,
+                               train_epochs=2, save_every_n_epochs=1))
+    assert second.epoch_loras == [str(loras / "song" / "epoch_1_2.safetensors")]
+    assert [open(p, "rb").read() for p in published] == before
+    assert not [f for f in os.listdir(loras / "song") if f.endswith(".tmp")]
 
 
 def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path, monkeypatch):
