@@ -47,6 +47,7 @@ class ModelSource:
     given_variant: Optional[str] = None
     notes: list = field(default_factory=list)  # what was chosen automatically, for describe()
     _config: Optional[AceStepConfig] = field(default=None, repr=False)
+    _silence: Optional[torch.Tensor] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------------------------------------
     # Constructors
@@ -182,15 +183,16 @@ class ModelSource:
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
         return load_text_encoder(root, device=device, dtype=dtype)
 
-    def load_silence_latent(self, device="cpu", dtype: torch.dtype = torch.float32, vae=None) -> torch.Tensor:
-        """[1, T, 64]: the official file, or (ComfyUI files without one) derived from the VAE; pass a loaded
-        ``vae`` to avoid loading it twice."""
+    def load_silence_latent(self, device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[1, T, 64]: the official file, or (ComfyUI files without one) derived once from the VAE loaded in fp32,
+        as the official fp32 file was made (a bf16 VAE's rounding would show in the result)."""
         if self.kind == OFFICIAL:
             return load_silence_latent(self.checkpoint_dir, self.config_path, device=device, dtype=dtype)
         if self.silence_latent_file:
             return read_silence_latent(self.silence_latent_file, device=device, dtype=dtype)
-        vae = vae if vae is not None else self.load_vae(device=device)
-        return native.derive_silence_latent(vae).to(device=device, dtype=dtype)
+        if self._silence is None:
+            self._silence = native.derive_silence_latent(self.load_vae(device=device, dtype=torch.float32)).cpu()
+        return self._silence.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------------------------
     # Identity and description

@@ -137,7 +137,7 @@ def conditioning(source: ModelSource, audio: torch.Tensor, caption: str, lyrics:
     """Prepare's per-sample tensors (prepare._Models.encode), through the source API, posterior mean as latents."""
     vae, text = source.load_vae(), source.load_text_encoder()
     dit = source.load_dit(components=("encoder",))
-    silence = source.load_silence_latent(vae=vae)
+    silence = source.load_silence_latent()
     latents = vae.encode(audio).mean[0].transpose(0, 1)
     prompt = caption_prompt(caption, 120, "4", "C major", audio.shape[-1] / 48000)
     hidden, mask = text.encode_caption(prompt)
