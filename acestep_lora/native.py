@@ -50,6 +50,7 @@ from .model import COMPONENTS, AceStepModel
 EXTENSIONS = (".safetensors", ".sft")
 DIT, VAE, TEXT_ENCODER = "dit", "vae", "text_encoder"
 CHECKPOINT = "checkpoint"  # an all-in-one file
+PART_NAMES = {DIT: "diffusion model", VAE: "VAE", TEXT_ENCODER: "text encoder", CHECKPOINT: "all-in-one checkpoint"}
 # Where each component sits inside an all-in-one checkpoint.
 CHECKPOINT_PREFIXES = {DIT: "model.diffusion_model.", VAE: "vae.", TEXT_ENCODER: "text_encoders.qwen3_06b.transformer."}
 # Keys an all-in-one file holds that training does not use: ComfyUI's CLIP-wrapper scalar, the 5 Hz LM.
@@ -109,8 +110,6 @@ def _reject_quantized(path: str, view: dict) -> None:
         raise ValueError(f"{path} is a quantized (fp8) file (e.g. '{(fp8 or scales)[0]}'); training needs the "
                          "bf16/fp16/fp32 weights. Choose the unquantized file.")
 
-
-PART_NAMES = {DIT: "diffusion model", VAE: "VAE", TEXT_ENCODER: "text encoder", CHECKPOINT: "all-in-one checkpoint"}
 
 # ----------------------------------------------------------------------------------------------------------------
 # DiT: the key map is the identity (ComfyUI's AceStepConditionGenerationModel uses the official module names)
@@ -185,11 +184,12 @@ def dit_config_from_shapes(view: dict[str, tuple[str, tuple]], variant: str, whe
         **VARIANT_FIELDS[variant],
     )
     enc_head_dim = shape("encoder.lyric_encoder.layers.0.self_attn.q_norm.weight")[0]
-    enc_hidden = shape("encoder.lyric_encoder.layers.0.input_layernorm.weight")[0]
+    enc_hidden = shape("encoder.lyric_encoder.layers.0.input_layernorm.weight")[0]  # ComfyUI's detection key
+    lyric = "encoder.lyric_encoder.layers.0."
     enc = dict(encoder_hidden_size=enc_hidden,
-               encoder_intermediate_size=shape("encoder.lyric_encoder.layers.0.mlp.gate_proj.weight")[0],
-               encoder_num_attention_heads=shape("encoder.lyric_encoder.layers.0.self_attn.q_proj.weight")[0] // head_dim,
-               encoder_num_key_value_heads=shape("encoder.lyric_encoder.layers.0.self_attn.k_proj.weight")[0] // head_dim)
+               encoder_intermediate_size=shape(lyric + "mlp.gate_proj.weight")[0],
+               encoder_num_attention_heads=shape(lyric + "self_attn.q_proj.weight")[0] // head_dim,
+               encoder_num_key_value_heads=shape(lyric + "self_attn.k_proj.weight")[0] // head_dim)
     if enc_head_dim != head_dim or enc_hidden != width:
         raise ValueError(f"{where}: the condition encoder (width {enc_hidden}, head_dim {enc_head_dim}) does not fit "
                          f"the DiT (condition input {width}, head_dim {head_dim}); not an ACE-Step 1.5 layout.")
@@ -386,7 +386,7 @@ def load_text_encoder_file(path: str, tokenizer, device="cpu", dtype: torch.dtyp
     """Load a ComfyUI-format Qwen3 text encoder strictly; ``tokenizer`` from ``text.load_tokenizer``."""
     from transformers import Qwen3Model
 
-    from .text import TextEncoder
+    from .text import TextEncoder, _dtype_kwarg
 
     prefix, view = component_view(path, _load_header(path), TEXT_ENCODER)
     config = qwen3_config_from_shapes(view, path)
@@ -397,7 +397,7 @@ def load_text_encoder_file(path: str, tokenizer, device="cpu", dtype: torch.dtyp
                      {prefix + k: shape for k, (_, shape) in view.items()}, "Is this qwen_0.6b_ace15.safetensors?")
     state = read_tensors(path, {k: prefix + key_map[k] for k in expected}, dtype=dtype)
     # from_pretrained with a state dict: no random initialisation, and RoPE buffers built by transformers itself.
-    model = Qwen3Model.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model = Qwen3Model.from_pretrained(None, config=config, state_dict=state, **_dtype_kwarg(dtype))
     return TextEncoder(tokenizer, model.to(device))
 
 
@@ -451,7 +451,8 @@ def _provides(tensors: dict) -> tuple:
     """Which components a header holds, by the keys ComfyUI itself detects them with (plus ACE-Step specifics)."""
     found = []
     if is_checkpoint(tensors):
-        views = {c: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for c, p in CHECKPOINT_PREFIXES.items()}
+        views = {c: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+                 for c, p in CHECKPOINT_PREFIXES.items()}
     else:
         dit_prefix = CHECKPOINT_PREFIXES[DIT] if any(k.startswith(CHECKPOINT_PREFIXES[DIT]) for k in tensors) else ""
         views = {DIT: {k[len(dit_prefix):]: v for k, v in tensors.items()}, VAE: tensors, TEXT_ENCODER: tensors}

@@ -297,7 +297,7 @@ def default_model_choice(choices: Sequence[str]) -> Optional[str]:
     ranked = sorted(choices, key=lambda c: (
         c != DEFAULT_CONFIG_PATH,
         not os.path.basename(c).startswith(("acestep_v1.5_turbo.", "ace_step_1.5_turbo_aio.")),
-        native.variant_from_name(c) != "turbo" and "turbo" not in c,
+        native.variant_from_name(c) != "turbo",
         "xl" in c.lower()))
     return ranked[0] if ranked else None
 

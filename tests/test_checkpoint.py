@@ -123,8 +123,10 @@ def spec_keys(h: int, heads: int, kv: int, inter: int, layers: int, enc: int, en
     keys = {}
 
     def attn(prefix, width, nq, nkv):
-        keys.update({f"{prefix}.q_proj.weight": (nq * head_dim, width), f"{prefix}.k_proj.weight": (nkv * head_dim, width),
-                     f"{prefix}.v_proj.weight": (nkv * head_dim, width), f"{prefix}.o_proj.weight": (width, nq * head_dim),
+        keys.update({f"{prefix}.q_proj.weight": (nq * head_dim, width),
+                     f"{prefix}.k_proj.weight": (nkv * head_dim, width),
+                     f"{prefix}.v_proj.weight": (nkv * head_dim, width),
+                     f"{prefix}.o_proj.weight": (width, nq * head_dim),
                      f"{prefix}.q_norm.weight": (head_dim,), f"{prefix}.k_norm.weight": (head_dim,)})
 
     def mlp(prefix, width, hidden):
@@ -153,7 +155,8 @@ def spec_keys(h: int, heads: int, kv: int, inter: int, layers: int, enc: int, en
                      f"decoder.{te}.time_proj.weight": (6 * h, h), f"decoder.{te}.time_proj.bias": (6 * h,)})
     keys.update({"encoder.text_projector.weight": (enc, 1024), "encoder.lyric_encoder.embed_tokens.weight": (enc, 1024),
                  "encoder.lyric_encoder.embed_tokens.bias": (enc,), "encoder.lyric_encoder.norm.weight": (enc,),
-                 "encoder.timbre_encoder.embed_tokens.weight": (enc, 64), "encoder.timbre_encoder.embed_tokens.bias": (enc,),
+                 "encoder.timbre_encoder.embed_tokens.weight": (enc, 64),
+                 "encoder.timbre_encoder.embed_tokens.bias": (enc,),
                  "encoder.timbre_encoder.norm.weight": (enc,), "encoder.timbre_encoder.special_token": (1, 1, enc)})
     for i in range(8):
         enc_layer(f"encoder.lyric_encoder.layers.{i}")
@@ -161,7 +164,8 @@ def spec_keys(h: int, heads: int, kv: int, inter: int, layers: int, enc: int, en
         enc_layer(f"encoder.timbre_encoder.layers.{i}")
     keys.update({"tokenizer.audio_acoustic_proj.weight": (enc, 64), "tokenizer.audio_acoustic_proj.bias": (enc,),
                  "tokenizer.attention_pooler.embed_tokens.weight": (enc, enc),
-                 "tokenizer.attention_pooler.embed_tokens.bias": (enc,), "tokenizer.attention_pooler.norm.weight": (enc,),
+                 "tokenizer.attention_pooler.embed_tokens.bias": (enc,),
+                 "tokenizer.attention_pooler.norm.weight": (enc,),
                  "tokenizer.attention_pooler.special_token": (1, 1, enc),
                  "tokenizer.quantizer.project_in.weight": (6, enc), "tokenizer.quantizer.project_in.bias": (6,),
                  "tokenizer.quantizer.project_out.weight": (enc, 6), "tokenizer.quantizer.project_out.bias": (enc,)})

@@ -262,7 +262,8 @@ def test_listing_recognises_each_kind_and_skips_other_files(comfy, tmp_path):
                      "qwen_0.6b_ace15.safetensors": "text_encoder", os.path.basename(paths["checkpoint"]): "checkpoint"}
     aio = next(f for f in found if f.kind == "checkpoint")
     assert aio.provides == ("dit", "vae", "text_encoder") and aio.variant == "turbo"
-    assert [f.name for f in native.list_native_files([str(tmp_path / "nested")])] == ["sub/acestep_v1.5_turbo.safetensors"]
+    nested_names = [f.name for f in native.list_native_files([str(tmp_path / "nested")])]
+    assert nested_names == ["sub/acestep_v1.5_turbo.safetensors"]
     assert [f.kind for f in native.list_native_files([os.path.join(models, "checkpoints"),
                                                       os.path.join(models, "vae")], ["vae"])] == ["vae", "checkpoint"]
 
@@ -409,3 +410,15 @@ def test_xl_native_key_map_and_config_from_the_full_size_shapes():
         derived = native.dit_config_from_shapes(view, "turbo", "acestep_v1.5_xl_turbo_bf16.safetensors")
         assert {k: getattr(derived, k) for k in XL_FIELDS} == XL_FIELDS
         assert derived.head_dim == 128 and derived.family == "XL" and derived.text_hidden_dim == 1024
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_native_files_load_straight_onto_the_gpu(comfy):
+    _, _, paths = comfy
+    source = ModelSource.comfy(checkpoint=paths["checkpoint"], tokenizer=paths["tokenizer"])
+    dit = source.load_dit(components=("decoder", "null_condition_emb"), device="cuda", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in dit.parameters()} == {("cuda", torch.bfloat16)}
+    assert source.load_vae(device="cuda").device.type == "cuda"
+    silence = ModelSource.comfy(checkpoint=paths["checkpoint"]).load_silence_latent(device="cuda")
+    cpu = ModelSource.comfy(checkpoint=paths["checkpoint"]).load_silence_latent()
+    assert silence.device.type == "cuda" and torch.allclose(silence.cpu(), cpu, rtol=1e-4, atol=1e-5)
