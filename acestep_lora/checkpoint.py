@@ -53,6 +53,20 @@ def list_dit_configs(checkpoint_dir: str) -> list[str]:
                   if name.startswith(DIT_PREFIX) and os.path.isfile(os.path.join(checkpoint_dir, name, "config.json")))
 
 
+def describe_dit_folders(checkpoint_dir: str) -> list[dict]:
+    """Each DiT folder (``acestep-v15-*``, XL folders ``acestep-v15-xl-*`` included) with what its config.json
+    says: ``{"name", "variant", "family" ("2B" or "XL"), "hidden_size"}``, or ``{"name", "error"}`` when the
+    config.json does not parse."""
+    out = []
+    for name in list_dit_configs(checkpoint_dir):
+        try:
+            cfg = AceStepConfig.from_json(os.path.join(checkpoint_dir, name, "config.json"))
+            out.append({"name": name, "variant": cfg.variant, "family": cfg.family, "hidden_size": cfg.hidden_size})
+        except (ValueError, TypeError, OSError) as e:
+            out.append({"name": name, "error": str(e)})
+    return out
+
+
 def dit_dir(checkpoint_dir: str, config_path: str) -> str:
     """Folder of the DiT ``config_path`` (a folder name under checkpoint_dir, or an absolute folder path)."""
     if not config_path:
@@ -94,11 +108,52 @@ def read_safetensors(files: dict[str, str], keys: Iterable[str], device="cpu",
         by_file.setdefault(files[k], []).append(k)
     out = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in names:
-                t = f.get_tensor(name)
-                out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        out.update(read_tensors(path, {n: n for n in names}, device=device, dtype=dtype))
     return out
+
+
+def read_tensors(path: str, names: dict[str, str], device="cpu",
+                 dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """``{our name: tensor}`` for ``{our name: key in the file}``, reading only those tensors (safetensors maps the
+    file, so a training run that needs only the decoder never reads the condition encoder's bytes)."""
+    out = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        for name, key in names.items():
+            t = f.get_tensor(key)
+            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def read_header(path: str) -> tuple[dict[str, tuple[str, tuple]], dict[str, str]]:
+    """``({key: (dtype, shape)}, metadata)`` from a safetensors header, without reading any tensor data."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100 << 20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, metadata
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"'{path}' is not a readable safetensors file ({e}). Re-download it.") from None
+
+
+def check_state_keys(where: str, expected: dict[str, tuple], found: dict[str, tuple], hint: str) -> None:
+    """Exact match of key sets and shapes, else a ValueError naming ``where`` (the file) and the keys."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the expected layout: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). {hint}")
+    for name in sorted(expected):
+        if tuple(found[name]) != tuple(expected[name]):
+            raise ValueError(f"{where}: '{name}' has shape {tuple(found[name])}, the config expects "
+                             f"{tuple(expected[name])}. {hint}")
+
+
+def component_prefixes(components: Iterable[str]) -> tuple:
+    """State-dict key prefixes of model components (``null_condition_emb`` is a bare key)."""
+    return tuple(c if c == "null_condition_emb" else c + "." for c in components)
 
 
 def load_dit(checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_PATH, device="cpu",
@@ -112,22 +167,15 @@ def load_dit(checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_PATH, device
     cfg = AceStepConfig.from_json(os.path.join(directory, "config.json"))
     with torch.device("meta"):
         model = AceStepModel(cfg, components=tuple(components))
-    expected = model.state_dict()
     files = _weight_files(directory, f"DiT weights ({config_path})")
-    wanted_prefixes = tuple(c if c == "null_condition_emb" else c + "." for c in model.components)
-    present = {k for k in files if k.startswith(wanted_prefixes)}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory}/model.safetensors does not match the ACE-Step 1.5 layout for this config.json: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}). Is config.json from the same model as the weights?")
-    state = read_safetensors(files, expected.keys(), device=device, dtype=dtype)
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{directory}/model.safetensors: '{name}' has shape {tuple(tensor.shape)}, the config "
-                             f"expects {tuple(expected[name].shape)}. Is config.json from the same model?")
+    shapes = {}
+    for path in sorted(set(files.values())):
+        shapes.update({k: shape for k, (_, shape) in read_header(path)[0].items()})
+    wanted = component_prefixes(model.components)
+    check_state_keys(f"{directory}/model.safetensors", {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     {k: shapes[k] for k in files if k.startswith(wanted)},
+                     "Is config.json from the same model as the weights?")
+    state = read_safetensors(files, model.state_dict().keys(), device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
@@ -138,6 +186,11 @@ def load_silence_latent(checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_P
     """The DiT's silence latent as [1, T_sil, 64] (stored as [1, 64, T_sil])."""
     path = require_file(os.path.join(dit_dir(checkpoint_dir, config_path), "silence_latent.pt"),
                         f"silence latent ({config_path})")
+    return read_silence_latent(path, device, dtype)
+
+
+def read_silence_latent(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A ``silence_latent.pt`` file ([1, 64, T]) as [1, T, 64]."""
     latent = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(latent, torch.Tensor) or latent.dim() != 3:
         raise ValueError(f"{path}: expected one tensor [1, 64, T]; got {type(latent).__name__}. Re-download it.")
@@ -163,6 +216,11 @@ def folder_identity(directory: str, names: Optional[Iterable[str]] = None) -> st
                 f.seek(-(1 << 20), os.SEEK_END)
                 h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def file_identity(path: str) -> str:
+    """``folder_identity`` of one file (its name, size and first/last MiB)."""
+    return folder_identity(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
 
 
 def dit_identity(checkpoint_dir: str, config_path: str) -> str:

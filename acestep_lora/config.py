@@ -2,6 +2,16 @@
 
 Field names and defaults are the official ``AceStepConfig`` ones (spec §1.2). Unknown fields are kept in
 ``extra`` so a newer config still loads; only the fields below influence the model.
+
+The XL models (``acestep-v15-xl-{turbo,base,sft}``, April 2026) differ from the defaults only in the widths and
+depth in ``XL_FIELDS``: the DiT runs at 2560 wide with 32 layers, the condition encoder, audio tokenizer and
+detokenizer stay at 2048 (``encoder_*`` fields). Sources: the official XL model code builds the encoder, tokenizer,
+detokenizer and ``null_condition_emb`` from a copy of the config with ``encoder_hidden_size``,
+``encoder_intermediate_size``, ``encoder_num_attention_heads`` and ``encoder_num_key_value_heads``
+(``acestep/models/xl_turbo/modeling_acestep_v15_xl_turbo.py`` @3450c05, ``AceStepConditionGenerationModel``);
+ComfyUI 0.20.1 derives the same fields from tensor shapes (``comfy/model_detection.py``, ACE-Step 1.5 branch); the
+numbers below are the ones published for the XL checkpoints (hidden 2560, intermediate 9728, 32 heads / 8 KV
+heads, 32 layers, encoder 2048 / 6144 / 16 heads / 8 KV heads, head_dim 128).
 """
 from __future__ import annotations
 
@@ -10,6 +20,20 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+# What tells the three variants apart in config.json; the weights have the same keys and shapes.
+VARIANT_FIELDS = {
+    "turbo": {"is_turbo": True, "model_version": "turbo"},
+    "base": {"is_turbo": False, "model_version": "base"},
+    "sft": {"is_turbo": False, "model_version": "sft"},
+}
+
+# The XL models' departures from the 2B defaults below (sources in the module docstring).
+XL_FIELDS = {
+    "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "encoder_hidden_size": 2048, "encoder_intermediate_size": 6144,
+    "encoder_num_attention_heads": 16, "encoder_num_key_value_heads": 8,
+}
 
 
 @dataclass
@@ -90,10 +114,20 @@ class AceStepConfig:
 
     @property
     def variant(self) -> str:
-        """"turbo" for the distilled models (discrete 8-step schedule), else "base"/"sft"-like."""
+        """"turbo" for the distilled models (discrete 8-step schedule), else "sft" or "base"."""
         if self.is_turbo:
             return "turbo"
-        return self.model_version if self.model_version not in ("", "turbo") else "base"
+        return "sft" if "sft" in str(self.model_version).lower() else "base"
+
+    @property
+    def condition_width(self) -> int:
+        """Width of the condition encoder's output (the DiT's cross-attention input before projection)."""
+        return self.encoder_hidden_size or self.hidden_size
+
+    @property
+    def family(self) -> str:
+        """"XL" when the condition encoder runs at a different width than the DiT (the XL models), else "2B"."""
+        return "XL" if self.condition_width != self.hidden_size else "2B"
 
     @classmethod
     def from_dict(cls, data: dict) -> "AceStepConfig":
@@ -101,7 +135,7 @@ class AceStepConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         if "is_turbo" not in data:
-            known["is_turbo"] = str(data.get("model_version", "turbo")).lower().startswith("turbo")
+            known["is_turbo"] = "turbo" in str(data.get("model_version", "turbo")).lower()
         return cls(**known, extra=extra)
 
     @classmethod

@@ -2,8 +2,13 @@
 
 No real weights can be downloaded in CI, so ``make_tiny_checkpoint`` writes a folder the real loaders read as
 they read the official download: a small DiT (same architecture, small widths), its silence latent, a small
-Oobleck VAE with the real 1920x hop, and a small Qwen3 text encoder with a byte-level BPE tokenizer that knows
-the special tokens the prompts use and, like Qwen3-Embedding's tokenizer, appends ``<|endoftext|>``.
+Oobleck VAE with the real 1920x hop, and a small Qwen3 text encoder with a byte-level BPE tokenizer (Qwen2's
+pre-tokenizer) that knows the special tokens the prompts use and, like Qwen3-Embedding's tokenizer, appends
+``<|endoftext|>``. Variants ``xl-turbo``/``xl-base``/``xl-sft`` give XL-shaped DiTs (the DiT wider than its
+condition encoder), in folders named like the official ``acestep-v15-xl-*``.
+
+``make_tiny_comfy_models`` writes the same weights in ComfyUI's formats (native.convert_official) plus a tokenizer
+folder shaped like the one ComfyUI ships (vocab.json, merges.txt, tokenizer_config.json; no post-processor).
 """
 from __future__ import annotations
 
@@ -15,26 +20,36 @@ from typing import Optional
 import torch
 
 from .checkpoint import TEXT_ENCODER_DIR, VAE_DIR
-from .config import AceStepConfig
+from .config import VARIANT_FIELDS, AceStepConfig
 from .fileio import atomic_save, atomic_write_json
 from .model import AceStepModel
 
-VARIANTS = {
-    "turbo": {"is_turbo": True, "model_version": "turbo"},
-    "base": {"is_turbo": False, "model_version": "base"},
-    "sft": {"is_turbo": False, "model_version": "sft"},
-}
+XL = "xl-"
+VARIANTS = [*VARIANT_FIELDS, *(XL + v for v in VARIANT_FIELDS)]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_TEXT_DIM = 32
+# XL's shape in miniature: the DiT (96 wide, 6 heads, 3 layers) wider than its condition encoder (64, 4 heads),
+# as the XL models run the DiT at 2560 and the encoder at 2048 (config.XL_FIELDS).
+TINY_XL_FIELDS = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
+                      num_key_value_heads=2, encoder_hidden_size=64, encoder_intermediate_size=128,
+                      encoder_num_attention_heads=4, encoder_num_key_value_heads=2)
+# Qwen2/Qwen3's pre-tokenizer split (the "Split" regex in their tokenizer.json; also what transformers builds for
+# Qwen2Tokenizer from vocab.json + merges.txt), so a ComfyUI-style copy of the tiny tokenizer splits identically.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def tiny_dit_config(variant: str = "turbo", **overrides) -> AceStepConfig:
+    """A small DiT config; ``variant`` "turbo"/"base"/"sft", or "xl-turbo" etc. for the XL shape."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant '{variant}' is not one of {list(VARIANTS)}")
+        raise ValueError(f"variant '{variant}' is not one of {VARIANTS}")
     fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, sliding_window=8, text_hidden_dim=TINY_TEXT_DIM,
                   num_lyric_encoder_hidden_layers=2, num_timbre_encoder_hidden_layers=1,
-                  num_attention_pooler_hidden_layers=1, fsq_dim=64, vocab_size=64003, **VARIANTS[variant])
+                  num_attention_pooler_hidden_layers=1, fsq_dim=64, vocab_size=64003,
+                  **VARIANT_FIELDS[variant.removeprefix(XL)])
+    if variant.startswith(XL):
+        fields.update(TINY_XL_FIELDS)
     fields.update(overrides)
     return AceStepConfig(**fields)
 
@@ -122,12 +137,15 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def write_text_encoder(folder: str, seed: int = 3, hidden: int = TINY_TEXT_DIM) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
     os.makedirs(folder, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -152,8 +170,8 @@ def make_tiny_checkpoint(path: str, variant: str = "turbo", *, seed: int = 0,
                          variants: Optional[list] = None) -> str:
     """Write ``path/{acestep-v15-<variant>, vae, Qwen3-Embedding-0.6B}``; returns ``path``.
 
-    ``variants`` writes several DiT folders (e.g. ["turbo", "base"]) sharing one VAE and text encoder.
-    Existing parts are kept, so calling it twice is cheap.
+    ``variants`` writes several DiT folders (e.g. ["turbo", "base", "xl-turbo"]) sharing one VAE and text
+    encoder. Existing parts are kept, so calling it twice is cheap.
     """
     for v in variants or [variant]:
         folder = os.path.join(path, f"acestep-v15-{v}")
@@ -165,6 +183,36 @@ def make_tiny_checkpoint(path: str, variant: str = "turbo", *, seed: int = 0,
         write_text_encoder(os.path.join(path, TEXT_ENCODER_DIR), seed=seed + 3)
     return path
 
+
+def write_comfy_tokenizer(official_dir: str, folder: str) -> str:
+    """A copy of a tokenizer.json tokenizer in the shape ComfyUI ships Qwen's (comfy/text_encoders/qwen25_tokenizer):
+    vocab.json + merges.txt + tokenizer_config.json (class Qwen2Tokenizer), without the appending post-processor."""
+    from tokenizers import Tokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    tok = Tokenizer.from_file(os.path.join(official_dir, "tokenizer.json"))
+    tok.model.save(folder)  # vocab.json, merges.txt
+    special = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                         "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+    atomic_write_json(os.path.join(folder, "tokenizer_config.json"), {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": special, "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 131072, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
+    return folder
+
+
+def make_tiny_comfy_models(models_dir: str, checkpoint_dir: str, config_path: str = "acestep-v15-turbo",
+                           dtype: Optional[torch.dtype] = None, vae_spelling: str = "weight_g") -> dict[str, str]:
+    """``checkpoint_dir``'s weights as ComfyUI files under ``models_dir`` (diffusion_models/, vae/, text_encoders/,
+    checkpoints/) plus ``<models_dir>/qwen25_tokenizer``; returns ``{"dit", "vae", "text_encoder",
+    "checkpoint", "tokenizer": path}``."""
+    from .native import convert_official
+
+    paths = convert_official(checkpoint_dir, config_path, models_dir, dtype=dtype, vae_spelling=vae_spelling)
+    paths["tokenizer"] = write_comfy_tokenizer(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR),
+                                               os.path.join(models_dir, "qwen25_tokenizer"))
+    return paths
 
 
 if __name__ == "__main__":  # python -m acestep_lora.testing <dir> [variant]

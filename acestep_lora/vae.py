@@ -239,15 +239,21 @@ def load_vae(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float
     directory = require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")
     with open(require_file(os.path.join(directory, "config.json"), "VAE config"), encoding="utf-8") as f:
         cfg = json.load(f)
-    state = fold_weight_norm(load_file(require_file(os.path.join(directory, WEIGHTS_FILE), "VAE weights")))
+    state = load_file(require_file(os.path.join(directory, WEIGHTS_FILE), "VAE weights"))
+    return build_vae(cfg, state, f"{directory}/{WEIGHTS_FILE}", "Re-download the vae folder.", device, dtype)
+
+
+def build_vae(cfg: dict, state: dict, where: str, hint: str, device="cpu",
+              dtype: torch.dtype = torch.float32) -> AudioVAE:
+    """An ``AudioVAE`` from a state dict in the diffusers layout (weight norm as ``weight_g``/``weight_v``),
+    checked strictly against ``cfg``; errors name ``where`` (the file) and the keys."""
+    from .checkpoint import check_state_keys
+
+    state = fold_weight_norm(state)
     with torch.device("meta"):
         model = Oobleck(cfg)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or bad_shape:
-        raise ValueError(f"{directory}/{WEIGHTS_FILE} does not match its config.json: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}. Re-download the vae folder.")
+    check_state_keys(where, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     {k: tuple(v.shape) for k, v in state.items()}, hint)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return AudioVAE(model.to(device), cfg)
 

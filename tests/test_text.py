@@ -55,3 +55,43 @@ def test_caption_truncated_at_256_tokens(tiny_ckpt):
     te = load_text_encoder(tiny_ckpt)
     hidden, _ = te.encode_caption(caption_prompt("word " * 2000, None, "", "", 10))
     assert hidden.shape[1] == 256
+
+
+def test_comfyui_tokenizer_folder_gives_the_official_ids(tiny_ckpt, tmp_path):
+    """ComfyUI ships Qwen's tokenizer as vocab.json + merges.txt without the post-processor that appends
+    <|endoftext|>; load_tokenizer adds it, so both folders tokenise every prompt identically."""
+    import os
+
+    from acestep_lora.testing import write_comfy_tokenizer
+    from acestep_lora.text import load_tokenizer
+
+    official_dir = os.path.join(tiny_ckpt, "Qwen3-Embedding-0.6B")
+    comfy_dir = write_comfy_tokenizer(official_dir, str(tmp_path / "qwen25_tokenizer"))
+    assert sorted(os.listdir(comfy_dir)) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(comfy_dir)
+    assert raw("la la").input_ids[-1] != raw.convert_tokens_to_ids("<|endoftext|>")  # ComfyUI's does not append
+    official, comfy = load_tokenizer(official_dir), load_tokenizer(comfy_dir)
+    prompts = [caption_prompt("Upbeat pop, 120 BPM; it's l'amour", 128, "3", "F# minor", 187.5),
+               lyrics_prompt("[verse]\nNa na 1999\n\n[chorus]\noh  yeah!!", "fr"), "word " * 400]
+    for prompt in prompts:
+        assert comfy(prompt).input_ids == official(prompt).input_ids
+        truncated = comfy(prompt, truncation=True, max_length=256).input_ids
+        assert truncated == official(prompt, truncation=True, max_length=256).input_ids
+        assert truncated[-1] == official.convert_tokens_to_ids("<|endoftext|>")
+    assert official("a").input_ids == AutoTokenizer.from_pretrained(official_dir)("a").input_ids  # untouched
+
+
+def test_tokenizer_without_endoftext_is_rejected(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from acestep_lora.text import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|> token; it is not a Qwen tokenizer"):
+        load_tokenizer(str(tmp_path))

@@ -1,4 +1,5 @@
 """Tiled VAE encode/decode equal the whole-clip result; frame arithmetic matches the official hop."""
+import pytest
 import torch
 
 from acestep_lora import load_vae
@@ -52,3 +53,22 @@ def test_decoder_matches_diffusers_on_official_fixture(official_ckpt):
     with torch.no_grad():
         expected = theirs.decode(latents).sample
     assert rel(ours.decode(latents), expected) < 1e-5
+
+
+@pytest.mark.parametrize("spelling", ["weight_g", "parametrizations"])
+def test_comfyui_format_vae_reproduces_the_official_golden_encode(official_ckpt, tmp_path, spelling):
+    """The official fixture's VAE in ComfyUI's layout (stable-audio names, [C] Snake parameters, either weight-norm
+    spelling) encodes the golden audio exactly as diffusers' AutoencoderOobleck did."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from acestep_lora import native
+    from conftest import FIXTURE
+
+    path = str(tmp_path / "ace_1.5_vae.safetensors")
+    save_file(native.comfy_vae_state(official_ckpt, spelling), path)
+    golden = load_file(os.path.join(FIXTURE, "golden.safetensors"))
+    posterior = native.load_vae_file(path).encode(golden["vae_encode.audio"])
+    assert rel(posterior.mean, golden["vae_encode.out.mean"]) < 1e-5
+    assert rel(posterior.std, golden["vae_encode.out.std"]) < 1e-5
