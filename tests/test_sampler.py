@@ -301,3 +301,43 @@ def test_refuses_a_lora_that_does_not_fit_before_loading_models(tiny_ckpt, tmp_p
     save_file(bad, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"layers\.7\.self_attn\.q_proj.*another model"):
         audio_of(tiny_ckpt, lora=str(tmp_path / "other.safetensors"))
+
+
+def test_decode_audio_uses_the_official_window_and_anti_clipping():
+    class RecordingVAE:
+        def decode_tiled(self, latents, chunk_frames, overlap_frames):
+            self.args = (tuple(latents.shape), chunk_frames, overlap_frames)
+            audio = torch.full((2, 2, latents.shape[-1] * 1920), 0.5)
+            audio[0, 1, 7] = -2.0  # clip 0 peaks at 2: scaled down; clip 1 (peak 0.5) untouched
+            return audio
+
+    vae = RecordingVAE()
+    audio = smp.decode_audio(vae, torch.zeros(2, 10, 64))
+    assert vae.args == ((2, 64, 10), 512 - 2 * 64, 64)
+    assert audio[0, 1, 7] == -1.0 and audio[0, 0, 0] == 0.25 and bool((audio[1] == 0.5).all())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_generate_with_lora_is_bf16_deterministic_and_finite(tiny_ckpt, lora_files):
+    runs = [generate(tiny_ckpt, Prompt("dreamy synth", duration=1.0), seed=5, device="cuda", lora=lora_files[2])
+            for _ in range(2)]
+    assert runs[0].dtype == "bfloat16" and runs[0].waveform.shape == (2, 25 * 1920)
+    assert bool(torch.isfinite(runs[0].waveform).all()) and runs[0].waveform.abs().max() <= 1.0
+    assert torch.equal(runs[0].waveform, runs[1].waveform)
+
+
+@cuda
+def test_cuda_sampling_a_bf16_decoder_with_fp32_lora_layers(tiny_ckpt):
+    """The trainer's preview case on a GPU: bf16 base weights, fp32 LoRA layers, mixed under autocast."""
+    model = load_dit(tiny_ckpt, device="cuda", dtype=torch.bfloat16)
+    silence = load_silence_latent(tiny_ckpt, device="cuda", dtype=torch.bfloat16)
+    conditioning = Conditioning(torch.randn(1, 5, 64), torch.ones(1, 5, dtype=torch.bool), silence)
+    settings = SamplerSettings.for_variant("turbo")
+    plain = sample_latents(model.decoder, conditioning, settings, seed=1, frames=20)
+    layers = lora.inject(model.decoder, ["q_proj", "v_proj"], 4, 8.0, 0.0)
+    assert plain.dtype == torch.bfloat16 and layers["layers.0.self_attn.q_proj"].lora_A.dtype == torch.float32
+    wrapped = sample_latents(model.decoder, conditioning, settings, seed=1, frames=20)
+    assert rel_err(wrapped.float(), plain.float()) < 1e-2
