@@ -350,6 +350,8 @@ def sample_latents(decoder: torch.nn.Module, conditioning: Conditioning, setting
     device, dtype = weight.device, weight.dtype
     cond = conditioning.to(device, dtype)
     batch = cond.batch_size
+    if isinstance(seed, (list, tuple)) and len(seed) != batch:
+        raise ValueError(f"seed: {len(seed)} seeds for {batch} conditioning rows; give one seed, or one per row.")
     states, context = cond.encoder_hidden_states, cond.context_latents(frames)
     if settings.uses_cfg:
         states = torch.cat([states, null_condition.to(device, dtype).expand_as(states)], dim=0)
