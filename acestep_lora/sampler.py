@@ -492,7 +492,7 @@ examples:
   python -m acestep_lora sample --checkpoint-dir checkpoints --caption "dreamy lofi piano" --duration 30 \\
       --seed 0 -o out.flac
   python -m acestep_lora sample --checkpoint-dir checkpoints --lora runs/my_lora/final --scale 0.8 \\
-      --caption "dreamy lofi piano, my_tag" --lyrics "[verse]\\nla la" --language en -o with_lora.flac
+      --caption "dreamy lofi piano, my_tag" --lyrics-file lyrics.txt --language en -o with_lora.flac
 """
 
 
@@ -514,6 +514,7 @@ def add_sample_command(subparsers) -> argparse.ArgumentParser:
                    help="LoRA strength: dW = scale * (alpha/r) * B A (default 1.0; 0 = the model alone)")
     p.add_argument("--caption", required=True, help="what the music is: genre, instruments, mood, your LoRA's tag")
     p.add_argument("--lyrics", default="", help="lyrics with [verse]/[chorus] tags; empty = instrumental")
+    p.add_argument("--lyrics-file", default="", help="read the lyrics from this UTF-8 text file instead")
     p.add_argument("--language", default="unknown", help="lyrics language code (en, zh, ja, ...; default unknown)")
     p.add_argument("--bpm", default=None, help="tempo written into the prompt (default N/A)")
     p.add_argument("--keyscale", default="", help='key written into the prompt, e.g. "C major", "Am" (default N/A)')
@@ -541,8 +542,16 @@ def run_sample_command(args) -> int:
         raise ValueError(f"-o '{output}': the output is a FLAC file; give a name ending in .flac.")
     if os.path.exists(output) and not args.overwrite:
         raise FileExistsError(f"-o '{output}' already exists; choose another name or pass --overwrite.")
+    lyrics = args.lyrics
+    if args.lyrics_file:
+        if lyrics:
+            raise ValueError("give --lyrics or --lyrics-file, not both.")
+        if not os.path.isfile(args.lyrics_file):
+            raise FileNotFoundError(f"--lyrics-file '{args.lyrics_file}' does not exist.")
+        with open(args.lyrics_file, encoding="utf-8") as f:
+            lyrics = f.read()
     seed = random.randint(0, 2 ** 32 - 1) if args.seed < 0 else args.seed
-    prompt = Prompt(args.caption, args.lyrics, args.duration, args.bpm, args.keyscale, args.timesignature,
+    prompt = Prompt(args.caption, lyrics, args.duration, args.bpm, args.keyscale, args.timesignature,
                     args.language)
     last = [0.0]
 

@@ -286,11 +286,14 @@ def test_lora_scale_zero_nonzero_and_file_kinds(tiny_ckpt, lora_files, plain):
     assert "PEFT adapter folder" in run.lora and "rank 4, alpha 8" in run.lora and run.lora_scale == 1.0
 
 
-def test_cli_prints_the_lora(tiny_ckpt, lora_files, tmp_path, capsys):
+def test_cli_prints_the_lora_and_reads_a_lyrics_file(tiny_ckpt, lora_files, tmp_path, capsys):
+    (tmp_path / "lyrics.txt").write_text("[verse]\nla la la\n", encoding="utf-8")
     cli(["sample", "--checkpoint-dir", tiny_ckpt, "--caption", "x", "--duration", "1", "--lora", lora_files[2],
-         "--scale", "0.5", "--device", "cpu", "-o", str(tmp_path / "l.flac")])
+         "--scale", "0.5", "--lyrics-file", str(tmp_path / "lyrics.txt"), "--language", "en", "--device", "cpu",
+         "-o", str(tmp_path / "l.flac")])
     printed = capsys.readouterr().out
     assert "LoRA: ComfyUI LoRA file" in printed and "at scale 0.5" in printed
+    assert "lyrics: '[verse]\\nla la la'; language en" in printed
 
 
 def test_refuses_a_lora_that_does_not_fit_before_loading_models(tiny_ckpt, tmp_path, monkeypatch):
