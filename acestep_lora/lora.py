@@ -9,8 +9,8 @@ the base GEMM, one dropout and two GEMMs.
 The adapter is written as a PEFT folder (``adapter_config.json`` with the fields every PEFT from 0.12 on knows,
 see lora_io.PEFT_CONFIG_FIELDS, + ``adapter_model.safetensors`` with PEFT's key names), so
 ``PeftModel.from_pretrained`` loads it as if PEFT had trained it (tests/test_lora.py checks outputs and gradients
-against PEFT itself; tests/test_peft_compat.py loads the folder with PEFT 0.12 and the installed PEFT). Writing it
-needs no PEFT.
+against PEFT itself; tests/test_peft_compat.py loads the folder with PEFT 0.12, 0.14, 0.18 and the installed
+PEFT). Writing it needs no PEFT.
 """
 from __future__ import annotations
 

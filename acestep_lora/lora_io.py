@@ -13,7 +13,7 @@ why LoRAs without it play at rank/alpha of their trained strength (half strength
 older PEFT does not know (0.12/0.13 refuse the file with a TypeError, 0.14-0.18 warn "Unexpected keyword
 arguments"). ``PEFT_CONFIG_FIELDS`` is the field set PEFT 0.12's ``LoraConfig`` has (its dataclass fields minus the
 runtime-only ``runtime_config``), with the values LoraConfig writes, so every PEFT from 0.12 on reads the file with
-no error and no warning (tests/test_peft_compat.py loads it with 0.12 and the installed PEFT).
+no error and no warning (tests/test_peft_compat.py loads it with 0.12, 0.14, 0.18 and the installed PEFT).
 
 ``read_lora`` reads any of these (and our run's ``final/`` or ``checkpoints/epoch_N/`` folder, which hold
 ``adapter/``) for listening to a LoRA; ``check_lora_fits`` and ``merge_lora_`` apply it to a decoder.
@@ -295,7 +295,8 @@ def check_lora_fits(weights: LoRAWeights, decoder: torch.nn.Module) -> None:
             wrong.append(f"{module}: lora_A {list(a)}, lora_B {list(b)} vs layer [{layer.out_features}, "
                          f"{layer.in_features}]")
     if missing:
-        layers = sum(1 for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers."))
+        layers = sum(1 for n, m in decoder.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.startswith("layers."))
         raise ValueError(f"lora '{weights.source}' does not match this model: {len(missing)} of its "
                          f"{len(weights.pairs)} modules are not Linear layers of the decoder, e.g. "
                          f"{', '.join(PEFT_PREFIX + m for m in missing[:3])}. The decoder has "

@@ -250,7 +250,8 @@ class SamplerSettings:
                                  "guidance applies to base/sft models only (leave it at 1.0).")
             return
         if self.steps < 1:
-            raise ValueError(f"steps {self.steps} must be at least 1 (official default {VARIANT_DEFAULTS[self.variant][0]}).")
+            raise ValueError(f"steps {self.steps} must be at least 1 (official default "
+                             f"{VARIANT_DEFAULTS[self.variant][0]}).")
         if not self.shift > 0:
             raise ValueError(f"shift {self.shift} must be > 0 (official default 3.0).")
         if self.guidance_scale < 1.0:
