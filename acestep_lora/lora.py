@@ -6,9 +6,11 @@ between dtypes. PEFT's wrapper costs ~10 kernels per adapted layer per forward u
 fp32 and back, weight casts, separate scale and add), about a third of all launches of a training step; this costs
 the base GEMM, one dropout and two GEMMs.
 
-The adapter is written as a PEFT folder (``adapter_config.json`` from ``peft.LoraConfig`` +
-``adapter_model.safetensors`` with PEFT's key names), so ``PeftModel.from_pretrained`` loads it as if PEFT had
-trained it (tests/test_lora.py checks outputs and gradients against PEFT itself).
+The adapter is written as a PEFT folder (``adapter_config.json`` with the fields every PEFT from 0.12 on knows,
+see lora_io.PEFT_CONFIG_FIELDS, + ``adapter_model.safetensors`` with PEFT's key names), so
+``PeftModel.from_pretrained`` loads it as if PEFT had trained it (tests/test_lora.py checks outputs and gradients
+against PEFT itself; tests/test_peft_compat.py loads the folder with PEFT 0.12, 0.14, 0.18 and the installed
+PEFT). Writing it needs no PEFT.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_io import PEFT_PREFIX
+from .lora_io import PEFT_PREFIX, PEFT_WEIGHTS_NAME, peft_adapter_config, write_peft_config
 
 
 class LoRALinear(nn.Module):
@@ -88,11 +90,9 @@ def load_peft_state_dict(layers: dict[str, LoRALinear], state: dict[str, torch.T
 
 def save_peft_adapter(directory: str, layers: dict[str, LoRALinear], targets: list[str], rank: int, alpha: float,
                       dropout: float) -> None:
-    """``adapter_config.json`` (written by peft.LoraConfig itself) + ``adapter_model.safetensors``."""
-    from peft import LoraConfig
+    """``adapter_config.json`` (loadable by PEFT 0.12 .. today) + ``adapter_model.safetensors``."""
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
-               init_lora_weights=True, task_type="FEATURE_EXTRACTION", inference_mode=True).save_pretrained(directory)
-    save_file(peft_state_dict(layers), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_peft_config(directory, peft_adapter_config(rank, alpha, dropout, targets))
+    save_file(peft_state_dict(layers), os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -101,3 +101,106 @@ def test_training_step_matches_fp32_peft_reference(tiny_ckpt, tmp_path):
         b = ref_grads[f"base_model.model.{name}.lora_B.default.weight"]
         assert torch.allclose(layer.lora_A.grad, a, rtol=1e-4, atol=1e-7)
         assert torch.allclose(layer.lora_B.grad, b, rtol=1e-4, atol=1e-7)
+
+
+# -- reading LoRA files to listen to them (lora_io.read_lora / merge_lora_) -------------------------------------
+
+def small_decoder():
+    from acestep_lora.model import DiT
+    from acestep_lora.testing import tiny_dit_config
+
+    torch.manual_seed(0)
+    return DiT(tiny_dit_config()).eval()
+
+
+def trained_layers(decoder, rank=4, alpha=8.0):
+    layers = lora.inject(decoder, ["q_proj", "v_proj"], rank, alpha, 0.0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(0, 0.2)
+    return layers
+
+
+def decoder_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 12, 64, generator=g), timestep=torch.tensor([0.6]),
+                timestep_r=torch.tensor([0.6]), encoder_hidden_states=torch.randn(1, 5, 64, generator=g),
+                context_latents=torch.randn(1, 12, 128, generator=g))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.4])
+def test_merged_lora_computes_what_the_lora_layers_compute(tmp_path, scale):
+    from acestep_lora.lora_io import merge_lora_, read_lora
+
+    wrapped = small_decoder()
+    layers = trained_layers(wrapped)
+    for layer in layers.values():
+        layer.scaling *= scale  # the LoRA layers at strength `scale`
+    lora.save_peft_adapter(str(tmp_path / "adapter"), layers, ["q_proj", "v_proj"], 4, 8.0, 0.0)
+    merged = small_decoder()
+    weights = read_lora(str(tmp_path / "adapter"))
+    assert weights.kind == "PEFT adapter folder" and weights.ranks == {4} and len(weights.pairs) == 2 * 2 * 2
+    merge_lora_(merged, weights, scale)
+    with torch.no_grad():
+        assert torch.allclose(merged(**decoder_inputs())[0], wrapped(**decoder_inputs())[0], atol=1e-5)
+
+
+def test_read_lora_accepts_every_layout(tmp_path):
+    from acestep_lora.lora_io import read_lora, save_comfy_lora
+
+    layers = trained_layers(small_decoder())
+    adapter = tmp_path / "run" / "checkpoints" / "epoch_2" / "adapter"
+    lora.save_peft_adapter(str(adapter), layers, ["q_proj", "v_proj"], 4, 8.0, 0.0)
+    save_comfy_lora(str(tmp_path / "c.safetensors"), lora.pairs(layers), 8.0, {}, torch.float32)
+    reference = read_lora(str(adapter))
+    for path in (adapter.parent, adapter / "adapter_model.safetensors", tmp_path / "c.safetensors"):
+        got = read_lora(str(path))
+        assert set(got.pairs) == set(reference.pairs) and got.factors == reference.factors == {
+            m: 2.0 for m in reference.pairs}
+        assert all(torch.equal(got.pairs[m]["B"], reference.pairs[m]["B"]) for m in got.pairs)
+    with pytest.raises(FileNotFoundError, match="final"):  # a run folder: points at final/
+        (tmp_path / "run" / "final").mkdir()
+        read_lora(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_lora(str(tmp_path / "missing"))
+
+
+def test_comfy_file_without_alpha_plays_as_comfyui_plays_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from acestep_lora.lora_io import comfy_state_dict, read_lora
+
+    layers = trained_layers(small_decoder())
+    state = {k: v for k, v in comfy_state_dict(lora.pairs(layers), 8.0, torch.float32).items()
+             if not k.endswith(".alpha")}
+    save_file(state, str(tmp_path / "no_alpha.safetensors"))
+    weights = read_lora(str(tmp_path / "no_alpha.safetensors"))
+    assert set(weights.factors.values()) == {1.0} and "factor 1.0" in weights.notes[0]
+
+
+def test_lora_that_does_not_fit_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from acestep_lora.lora_io import check_lora_fits, merge_lora_, read_lora
+
+    decoder = small_decoder()
+    other = {"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
+             "lora_unet_down_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4)}
+    save_file(other, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(ValueError, match="lora_unet_down_blocks_0_attn1_to_q"):
+        read_lora(str(tmp_path / "sdxl.safetensors"))
+
+    wide = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 2048),
+            "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(2048, 4),
+            "base_model.model.layers.0.self_attn.q_proj.alpha": torch.tensor(8.0)}
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"shapes.*lora_A \[4, 2048\].*\[64, 64\]"):
+        check_lora_fits(read_lora(str(tmp_path / "wide.safetensors")), decoder)
+
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    deep = {"base_model.model.layers.30.cross_attn.k_proj.lora_A.weight": torch.zeros(4, 64),
+            "base_model.model.layers.30.cross_attn.k_proj.lora_B.weight": torch.zeros(32, 4)}
+    save_file(deep, str(tmp_path / "deep.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.30\.cross_attn\.k_proj.*another model"):
+        merge_lora_(decoder, read_lora(str(tmp_path / "deep.safetensors")))
+    assert all(torch.equal(v, before[k]) for k, v in decoder.state_dict().items())  # nothing merged

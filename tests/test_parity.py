@@ -22,6 +22,7 @@ SHA256 = {  # from the fixture README: proves the fixture itself is the one the 
     "golden.safetensors": "f586a8cc8952b265e8318d4b8df133c07cc8ac2fb5fe20684a9bb82e73d6083d",
     "vae/config.json": "6f1ab2a2a97e71b1e83f139c3197df9cca73a9d3bc5e27d615b208c5257939d4",
     "vae/diffusion_pytorch_model.safetensors": "e0fde935e0491709dc2e69ec828e77167e342642a95b2d8657a875ec07e485f7",
+    "golden_generate.safetensors": "b13ff027c8162f6901cde18c7179b1c94d18d63c663a854279a9512ba4e73f77",
 }
 
 
