@@ -3,6 +3,7 @@
     acestep-lora prepare --samples-dir songs/ --output tensors/ --checkpoint-dir checkpoints/
     acestep-lora train --tensor-dir tensors/ --checkpoint-dir checkpoints/ --output-dir runs/my_lora
     acestep-lora tiny-checkpoint demo_checkpoints/
+    acestep-lora sample --checkpoint-dir checkpoints/ --lora runs/my_lora/final --caption "..." -o out.flac
 
 A mistake in the input ends with one message and exit status 1 (--debug shows the traceback); Ctrl-C during
 training saves a resumable checkpoint, names it, and exits with status 130.
@@ -140,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("path")
     k.add_argument("--variants", nargs="+", default=["turbo"], choices=["turbo", "base", "sft"])
     k.set_defaults(run=_tiny)
+
+    from .sampler import add_sample_command
+
+    add_sample_command(sub)
     return parser
 
 
