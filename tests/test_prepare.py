@@ -2,6 +2,9 @@
 decode-once, silence and tempo detection, the table of what will be trained on, and bad inputs."""
 import math
 import os
+import struct
+import subprocess
+import sys
 
 import pytest
 import soundfile as sf
@@ -266,19 +269,6 @@ def test_segments_split_a_long_clip_into_equal_samples(settings, tmp_path):
                for w in result.warnings)
 
 
-def test_windows_cover_the_clip_in_equal_pieces():
-    from acestep_lora.audio import windows
-
-    pieces = windows(600 * 48000 + 5, 48000, 240, "segments")
-    assert len(pieces) == 3 and pieces[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:]))  # contiguous
-    assert sum(n for _, n in pieces) == 600 * 48000 + 5 and max(n for _, n in pieces) - min(n for _, n in pieces) <= 1
-    assert windows(600 * 48000, 48000, 240, "crop") == [(0, 240 * 48000)]
-    assert windows(100, 48000, 240, "segments") == [(0, 100)]
-    with pytest.raises(ValueError, match="long_audio 'loop'.*segments, crop"):
-        windows(100, 48000, 240, "loop")
-
-
 def test_each_new_sample_is_decoded_once_and_cached_ones_never(settings, tmp_path, monkeypatch):
     """One soundfile.read per new training sample (a segment counts as one), none in validation or for cache."""
     settings.max_duration = 1.0
@@ -449,3 +439,100 @@ def test_header_counts_and_no_silly_ratio(settings, tmp_path):
     assert "real time" not in again.header
     two = prepare_dataset([item("a"), item("b")], out, settings)
     assert two.header.startswith("Prepared 2 samples (1 encoded, 1 cached)")
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+
+def _crc_table(poly, bits):
+    top, mask = 1 << (bits - 1), (1 << bits) - 1
+    table = []
+    for byte in range(256):
+        crc = byte << (bits - 8)
+        for _ in range(8):
+            crc = ((crc << 1) ^ poly) & mask if crc & top else (crc << 1) & mask
+        table.append(crc)
+    return table
+
+
+_CRC8, _CRC16 = _crc_table(0x07, 8), _crc_table(0x8005, 16)
+
+
+def _utf8_number(n):
+    """A FLAC frame number ("UTF-8"-style coded, RFC 9639 section 9.1.5)."""
+    if n < 0x80:
+        return bytes([n])
+    length = next(k for k, limit in ((2, 0x800), (3, 0x10000), (4, 0x200000), (5, 0x4000000)) if n < limit)
+    tail = []
+    for _ in range(length - 1):
+        tail.append(0x80 | (n & 0x3F))
+        n >>= 6
+    return bytes([((0xFF << (8 - length)) & 0xFF) | n] + tail[::-1])
+
+
+def write_square_flac(path, seconds, level=328):
+    """A valid 48 kHz 16-bit stereo FLAC (RFC 9639) of a -40 dBFS square wave (one 4096-sample block up, one
+    down), written directly as CONSTANT subframes: a 2-hour file in ~1 s where libFLAC's encoder takes ~20 s."""
+    rate, block, total = 48000, 4096, int(seconds * 48000)
+    info = struct.pack(">HH", block, block) + bytes(6)  # block sizes; frame sizes unknown
+    info += ((rate << 44) | (1 << 41) | (15 << 36) | total).to_bytes(8, "big") + bytes(16)  # 2 ch, 16 bit; no MD5
+    with open(path, "wb") as f:
+        f.write(b"fLaC" + bytes([0x80, 0, 0, 34]) + info)  # the last (only) metadata block: STREAMINFO
+        for number, start in enumerate(range(0, total, block)):
+            size = min(block, total - start)
+            code = 0xC if size == block else 0x7  # 4096, or "16-bit size - 1 follows"
+            header = bytes([0xFF, 0xF8, (code << 4) | 0xA, 0x18]) + _utf8_number(number)  # 48 kHz; L/R; 16 bit
+            header += struct.pack(">H", size - 1) if code == 0x7 else b""
+            crc = 0
+            for b in header:
+                crc = _CRC8[crc ^ b]
+            frame = header + bytes([crc]) + (b"\0" + struct.pack(">h", level if number % 2 == 0 else -level)) * 2
+            crc = 0
+            for b in frame:
+                crc = ((crc << 8) & 0xFFFF) ^ _CRC16[(crc >> 8) ^ b]
+            f.write(frame + struct.pack(">H", crc))
+
+
+@pytest.fixture(scope="session")
+def two_hour_flac(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("long") / "two_hours.flac")
+    write_square_flac(path, 2 * 3600)
+    return path
+
+
+_PREPARE_AND_REPORT_PEAK_RSS = """
+import resource, sys
+import torch
+torch.set_num_threads(1)
+from acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
+path, ckpt, out = sys.argv[1:4]
+settings = PrepareSettings(ckpt, device="cpu", max_duration=30, long_audio="crop")
+result = prepare_dataset([PrepareItem(name=path, path=path, caption="square wave", bpm=120)], out, settings)
+assert result.encoded == 1 and result.samples_info[0]["duration_used"] == 30.0, result.status
+print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kib(runs, ckpt):
+    """Prepare each (audio path, output folder) in its own fresh Python process, side by side; the peak resident
+    memory of each (KiB, Linux ru_maxrss)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AND_REPORT_PEAK_RSS, path, ckpt, out], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path, out in runs]
+    peaks = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        peaks.append(int(stdout.split("PEAK_RSS_KIB")[-1].split()[0]))
+    return peaks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_two_hour_file_costs_no_more_memory_than_its_window(tiny_ckpt, two_hour_flac, tmp_path):
+    """A 2-hour 48 kHz stereo FLAC cropped to 30 s peaks within 2x the memory of a 30 s file (decoding it whole
+    took +5.2 GB): only the window used is decoded."""
+    short = str(tmp_path / "thirty_seconds.flac")
+    write_square_flac(short, 30)
+    rss_short, rss_long = _peak_rss_kib([(short, str(tmp_path / "t_short")), (two_hour_flac, str(tmp_path / "t_long"))],
+                                        tiny_ckpt)
+    assert rss_long < 2 * rss_short, f"2-hour file peaked at {rss_long / 2**20:.2f} GiB, 30 s file at " \
+                                     f"{rss_short / 2**20:.2f} GiB"
