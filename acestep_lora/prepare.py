@@ -593,9 +593,9 @@ def format_table(samples_info: list[dict]) -> str:
         rows.append((str(number), _shorten_middle(name, 32), _duration_cell(entries), _bpm_cell(entries),
                      first["keyscale"] or "-", first["language"], entries))
     heads = ("#", "file", "used / total", "bpm", "key", "language")
-    widths = [max(len(heads[c]), *(len(r[c]) for r in rows)) for c in range(5)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths + [0])).rstrip()  # noqa: E731
-    out = [line(heads), line(["-" * w for w in widths] + ["-" * len(heads[5])])]
+    widths = [max(len(heads[c]), *(len(r[c]) for r in rows)) for c in range(6)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(heads), line(["-" * w for w in widths])]
     pad = " " * (widths[0] + 2)
     for *cells, entries in rows:
         first = entries[0]
