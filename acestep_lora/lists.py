@@ -63,7 +63,7 @@ def parse_list(text: Optional[str], name: str) -> list[str]:
 
 
 def _files(count: int) -> str:
-    return f"{count} audio file" + ("" if count == 1 else "s")
+    return "there is 1 audio file" if count == 1 else f"there are {count} audio files"
 
 
 def fit_list(values: list[str], count: int, name: str, default: str = "", rule: str = VALUES_RULE) -> list[str]:
@@ -73,7 +73,7 @@ def fit_list(values: list[str], count: int, name: str, default: str = "", rule: 
     if len(values) == 1 and count > 1:
         return values * count
     if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} entries but there are {_files(count)}. Give one entry per "
+        raise ValueError(f"{name} has {len(values)} entries but {_files(count)}. Give one entry per "
                          f"audio file, a single entry for all, or leave it empty. The rule for {name}: {rule}.")
     return values
 
@@ -86,7 +86,7 @@ def _seed_comma_form(line: str, count: int, name: str, rule: str) -> Optional[li
     parts = [part.strip() for part in line.split(",")]
     if len(parts) == count:
         return parts
-    raise ValueError(f"{name} has {len(parts)} entries but there are {_files(count)}: {line[:80]!r} looks "
+    raise ValueError(f"{name} has {len(parts)} entries but {_files(count)}: {line[:80]!r} looks "
                      f"like the comma-separated form (no space after the commas). If it is one text for every "
                      f"file, write ', ' (comma and space) between its parts; otherwise give {count} entries. The "
                      f"rule for {name}: {rule}.")
