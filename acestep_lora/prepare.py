@@ -494,7 +494,7 @@ def _header(samples: int, sources: list, encoded: int, total_seconds: float, enc
         text += f"; encoded {_audio_length(encoded_seconds)} in {_elapsed(elapsed)} on {device}"
     else:
         ratio = encoded_seconds / elapsed
-        ratio_text = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+        ratio_text = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}" if ratio >= 1 else f"{ratio:.2g}"  # never "0×"
         text += (f"; encoded {_audio_length(encoded_seconds)} in {_elapsed(elapsed)} ({ratio_text}× real time) "
                  f"on {device}")
     return text + f". Tensors in {output_dir}"

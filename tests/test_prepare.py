@@ -2,6 +2,7 @@
 decode-once, silence and tempo detection, the table of what will be trained on, and bad inputs."""
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -433,7 +434,10 @@ def test_header_counts_and_no_silly_ratio(settings, tmp_path):
     out = str(tmp_path / "t")
     first = prepare_dataset([item("a")], out, settings)
     assert first.header.startswith("Prepared 1 sample (1 encoded, 0 cached): 2 s of audio; encoded 2 s in ")
-    assert "0×" not in first.header and "0x" not in first.header
+    assert not re.search(r"(?<![\d.])0(\.0*)?× real time", first.header)
+    for elapsed in (0.3, 2.0, 50.0, 700.0):  # a blink (no ratio), fast, slow, very slow (2 s in 700 s: 0.0029×)
+        header = prep._header(1, [prep._resolve_source(item("a"), settings)], 1, 2.0, 2.0, elapsed, "cpu", "out")
+        assert not re.search(r"(?<![\d.])0(\.0*)?×", header) and ("real time" in header) == (elapsed >= 1), header
     again = prepare_dataset([item("a")], out, settings)
     assert again.header.startswith("Prepared 1 sample (0 encoded, 1 cached): 2 s of audio, all from the cache (")
     assert "real time" not in again.header
