@@ -532,6 +532,13 @@ def _warnings(sources: list[_Source], pieces: list[_Piece], settings: PrepareSet
         out.append(f"{_count(len(split), 'file')} longer than max_duration {long_limit} "
                    f"{'is' if len(split) == 1 else 'are'} split into equal segments, each a training sample with "
                    f"the file's metadata (long_audio = segments): {_names(split)}.")
+    copies = {}
+    for s in sources:
+        copies.setdefault(tuple(p.key for p in by_source[id(s)]), []).append(s.label)
+    for labels in (labels for labels in copies.values() if len(labels) > 1):
+        out.append(f"the same audio with the same metadata is listed {len(labels)} times ({_names(labels)}): it "
+                   f"is trained on {len(labels)} times as often as the other samples; remove the copies unless you "
+                   "mean it.")
     short = [f"{s.label} ({_seconds(s.total_frames / s.rate)})" for s in sources
              if s.total_frames / s.rate < VERY_SHORT_SECONDS]
     if short:

@@ -540,3 +540,14 @@ def test_two_hour_file_costs_no_more_memory_than_its_window(tiny_ckpt, two_hour_
                                         tiny_ckpt)
     assert rss_long < 2 * rss_short, f"2-hour file peaked at {rss_long / 2**20:.2f} GiB, 30 s file at " \
                                      f"{rss_short / 2**20:.2f} GiB"
+
+
+def test_a_file_listed_twice_is_pointed_out(settings, tmp_path):
+    path = write(tmp_path / "song.wav", tone(1.0))
+    copy = PrepareItem(name=path, path=path, caption="c", bpm=90)
+    result = prepare_dataset([copy, PrepareItem(name=path, path=path, caption="c", bpm=90), item("other")],
+                             str(tmp_path / "t"), settings)
+    assert (result.encoded, result.reused) == (2, 1) and result.files[0] == result.files[1]  # one file, twice
+    assert [w for w in result.warnings if "listed 2 times" in w] == [
+        "the same audio with the same metadata is listed 2 times (song.wav, song.wav): it is trained on 2 times as "
+        "often as the other samples; remove the copies unless you mean it."]
