@@ -9,8 +9,9 @@ normalised metadata given by the user (caption, lyrics, bpm as typed or null whe
 language, timesignature). Creating the same sample again writes nothing and reports ``"exists"``; any change to the
 audio or the metadata gives a new id and new files, so an existing sample is never overwritten.
 
-``collect_samples`` reads our sidecars, the official ``<name>.txt`` lyrics convention, ``<name>_prompt.txt`` /
-``<name>_lyrics.txt`` and common alternative JSON keys, so a plain folder of songs works too.
+``collect_samples`` reads the sidecar convention (``SIDECAR_HELP``) so a plain folder of songs works too, and
+records where each caption and lyrics text came from, with a note wherever it had to guess (a caption taken from
+the file name, a ``<name>.txt`` that looks like a caption but is read as lyrics).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import math
 import os
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -46,6 +47,24 @@ _KEYS = {
 }
 
 
+# The sidecar convention, for audio file <name>.<ext> (quoted by the CLI's --help and the node docs).
+SIDECAR_HELP = """\
+Metadata next to each audio file <name>.<ext>:
+  <name>.json          caption, lyrics, bpm, keyscale, language, timesignature (also accepted: prompt/tags,
+                       tempo, key, time_signature, vocal_language); ACE-Step Create Training Sample writes it
+  <name>_caption.txt   the caption (<name>_prompt.txt also works); wins over the JSON caption
+  <name>_lyrics.txt    the lyrics; wins over <name>.txt and the JSON lyrics
+  <name>.txt           the lyrics (the official ACE-Step convention); wins over the JSON lyrics
+Without a caption the file name is used, and Prepare flags it. Without lyrics: [Instrumental]."""
+
+# Where a caption / lyrics / tempo came from (besides sidecar file names such as "song.json", "song.txt").
+FROM_FILE_NAME = "file name"
+TYPED = "typed"
+NO_LYRICS = "none → [Instrumental]"
+DETECTED_BY_CREATE = "detected (Create)"
+NOTE_FILE_NAME_CAPTION = "caption from file name"
+
+
 @dataclass
 class Sample:
     """One collected training sample, metadata normalised (see acestep_lora/metadata.py)."""
@@ -57,6 +76,10 @@ class Sample:
     language: str              # a code from metadata.LANGUAGE_CHOICES
     timesignature: str         # "2" / "3" / "4" / "6" or "" (unknown)
     sample_id: str = ""        # the sidecar's id for samples written by create_sample, else ""
+    caption_source: str = ""   # the sidecar file it came from ("song.json", "song_caption.txt") or FROM_FILE_NAME
+    lyrics_source: str = ""    # "song_lyrics.txt", "song.txt", "song.json" or NO_LYRICS
+    bpm_source: str = ""       # TYPED, DETECTED_BY_CREATE (Create measured it), or "" when unknown
+    notes: list = field(default_factory=list)  # what the musician should check, e.g. NOTE_FILE_NAME_CAPTION
 
 
 # ----------------------------------------------------------------------------------------------------- create
@@ -105,8 +128,8 @@ def _user_fields(caption, lyrics, bpm, keyscale, language, timesignature) -> dic
     }
 
 
-def _detect_bpm(waveform: torch.Tensor, sample_rate: int) -> tuple[Optional[int], str, Optional[str]]:
-    """-> (bpm, bpm_source, note). Detection failures leave the bpm unknown; they are not errors."""
+def detect_tempo(waveform: torch.Tensor, sample_rate: int) -> tuple[Optional[int], str, Optional[str]]:
+    """-> (bpm, "detected" | "unknown", note). Detection failures leave the bpm unknown; they are not errors."""
     from . import bpm as bpm_module  # lazy: pulls in torchaudio
 
     try:
@@ -196,7 +219,7 @@ def create_sample(waveform, sample_rate: int, caption: str, output_dir: str, lyr
     if fields["bpm"] is not None:
         bpm_value, bpm_source, note = fields["bpm"], "user", None
     else:
-        bpm_value, bpm_source, note = _detect_bpm(wave, sample_rate)
+        bpm_value, bpm_source, note = detect_tempo(wave, sample_rate)
 
     sidecar = {
         "format": FORMAT,
@@ -263,71 +286,112 @@ def _read_json_metadata(path: str) -> dict:
         raise ValueError(f"metadata file '{path}': {e}. Fix it, or delete it to use the file name as the "
                          "caption.") from e
     out = {}
-    for field, keys in _KEYS.items():
+    for name, keys in _KEYS.items():
         for key in keys:
             if key in data and data[key] is not None:
                 value = data[key]
-                if field == "caption" and isinstance(value, list):  # "tags": ["pop", "synth"]
+                if name == "caption" and isinstance(value, list):  # "tags": ["pop", "synth"]
                     value = ", ".join(str(v) for v in value)
-                out[field] = value
+                out[name] = value
                 break
-    if "id" in data and isinstance(data["id"], str):
-        out["id"] = data["id"]
+    for key in ("id", "bpm_source"):
+        if isinstance(data.get(key), str):
+            out[key] = data[key]
     return out
 
 
-def _normalised(field: str, value, source: str):
+def _normalised(name: str, value, source: str):
     normalise = {"bpm": metadata.normalize_bpm, "keyscale": metadata.normalize_keyscale,
-                 "language": metadata.normalize_language, "timesignature": metadata.normalize_timesignature}[field]
+                 "language": metadata.normalize_language, "timesignature": metadata.normalize_timesignature}[name]
     try:
         return normalise(value)
     except ValueError as e:
-        raise ValueError(f"'{source}', field '{field}': {e}") from e
+        raise ValueError(f"'{source}', field '{name}': {e}") from e
 
 
-def _load_sample(path: str) -> Sample:
+_SECTION_TAG = re.compile(r"\[[^\]\n]{1,40}\]")  # [Verse], [Chorus], [Instrumental] ...
+
+
+def looks_like_caption(text: str) -> bool:
+    """True for text that reads like a caption rather than lyrics: one line without [Verse]-style section tags
+    (lyrics have line breaks and usually section tags; captions are one line of comma-separated tags)."""
+    text = text.strip()
+    return bool(text) and "\n" not in text and len(text) <= 300 and not _SECTION_TAG.search(text)
+
+
+def txt_lyrics_note(audio_name: str) -> str:
+    stem = os.path.splitext(audio_name)[0]
+    return (f"{stem}.txt is read as LYRICS (official convention); if it is a caption, rename it "
+            f"{stem}_caption.txt")
+
+
+def _first_text(candidates: list[str]) -> tuple[Optional[str], str]:
+    """The first of ``candidates`` (paths) that exists with non-blank text -> (text, its file name)."""
+    for path in candidates:
+        text = _read_text(path)
+        if text is not None and text.strip():
+            return text, os.path.basename(path)
+    return None, ""
+
+
+def read_sample(path: str) -> Sample:
+    """One audio file's metadata by the sidecar convention (``SIDECAR_HELP``), with sources and notes."""
     stem = os.path.splitext(path)[0]
+    name = os.path.basename(path)
     json_path = stem + ".json"
     data = _read_json_metadata(json_path) if os.path.isfile(json_path) else {}
+    json_name = os.path.basename(json_path)
+    notes = []
 
-    caption = _read_text(stem + "_prompt.txt")
-    if caption is None or not caption.strip():
-        caption = str(data.get("caption") or "")
-    caption = caption.strip() or os.path.basename(stem).replace("_", " ").strip()
+    caption, caption_source = _first_text([stem + "_caption.txt", stem + "_prompt.txt"])
+    if caption is None and str(data.get("caption") or "").strip():
+        caption, caption_source = str(data["caption"]), json_name
+    if caption is None:
+        caption, caption_source = os.path.basename(stem).replace("_", " ").strip(), FROM_FILE_NAME
+        notes.append(NOTE_FILE_NAME_CAPTION)
 
-    lyrics = _read_text(stem + "_lyrics.txt")
-    if lyrics is None:
-        lyrics = _read_text(stem + ".txt")
-    if lyrics is None:
-        lyrics = data.get("lyrics")
-    lyrics = metadata.normalize_lyrics(None if lyrics is None else str(lyrics))
+    lyrics, lyrics_source = _first_text([stem + "_lyrics.txt", stem + ".txt"])
+    if lyrics is None and str(data.get("lyrics") or "").strip():
+        lyrics, lyrics_source = str(data["lyrics"]), json_name
+    if lyrics_source == os.path.basename(stem) + ".txt" and looks_like_caption(lyrics):
+        notes.append(txt_lyrics_note(name))
+    lyrics = metadata.normalize_lyrics(lyrics)
+    lyrics_source = lyrics_source or NO_LYRICS
 
     if "language" in data:
         language = _normalised("language", data["language"], json_path)
     else:  # not given anywhere: instrumental when there are no lyrics
         language = "instrumental" if lyrics == metadata.INSTRUMENTAL_LYRICS else "unknown"
+    bpm = _normalised("bpm", data.get("bpm"), json_path)
+    bpm_source = "" if bpm is None else DETECTED_BY_CREATE if data.get("bpm_source") == "detected" else TYPED
 
     return Sample(
         audio_path=os.path.abspath(path),
-        caption=caption,
+        caption=caption.strip(),
         lyrics=lyrics,
-        bpm=_normalised("bpm", data.get("bpm"), json_path),
+        bpm=bpm,
         keyscale=_normalised("keyscale", data.get("keyscale"), json_path),
         language=language,
         timesignature=_normalised("timesignature", data.get("timesignature"), json_path),
         sample_id=data.get("id", ""),
+        caption_source=caption_source,
+        lyrics_source=lyrics_source,
+        bpm_source=bpm_source,
+        notes=notes,
     )
 
 
 def collect_samples(samples_dir: str, *, as_typed: Optional[str] = None) -> list[Sample]:
     """Every audio file under ``samples_dir`` (recursive, sorted) with its metadata.
 
-    Metadata per audio file ``<name>.<ext>``: ``<name>.json`` (our sidecar, or keys prompt/tags, key,
-    time_signature, vocal_language, tempo), ``<name>.txt`` = lyrics (official convention), ``<name>_lyrics.txt``
-    = lyrics (wins over ``.txt``, which wins over the JSON), ``<name>_prompt.txt`` = caption (wins over the JSON).
-    Without a caption the file name is used ("my_song" -> "my song"); without a language, "instrumental" when
-    there are no lyrics, else "unknown". ``as_typed``: the folder as the user typed it, for error messages
-    (when ``samples_dir`` was already resolved, e.g. under ComfyUI's output folder).
+    Metadata per audio file ``<name>.<ext>`` (``SIDECAR_HELP``): ``<name>.json`` (our sidecar, or keys
+    prompt/tags, key, time_signature, vocal_language, tempo); ``<name>_caption.txt`` (or ``<name>_prompt.txt``)
+    = caption, wins over the JSON; ``<name>_lyrics.txt`` = lyrics, wins over ``<name>.txt`` = lyrics (the official
+    convention), which wins over the JSON. Without a caption the file name is used ("my_song" -> "my song") and
+    the sample carries the note "caption from file name"; a ``<name>.txt`` that looks like a caption (one line, no
+    [Verse]-style tags) is still read as lyrics, with a note saying so. Without a language: "instrumental" when
+    there are no lyrics, else "unknown". ``as_typed``: the folder as the user typed it, for error messages (when
+    ``samples_dir`` was already resolved, e.g. under ComfyUI's output folder).
     """
     root = _resolve_dir(samples_dir)
     shown = samples_dir if as_typed is None else as_typed
@@ -343,7 +407,7 @@ def collect_samples(samples_dir: str, *, as_typed: Optional[str] = None) -> list
         raise ValueError(f"samples_dir '{shown}' (resolved to '{root}') contains no audio files. Accepted "
                          f"extensions: {', '.join(AUDIO_EXTENSIONS)}. Add audio there, or create samples with "
                          "ACE-Step Create Training Sample.")
-    return [_load_sample(os.path.join(root, p)) for p in audio]
+    return [read_sample(os.path.join(root, p)) for p in audio]
 
 
 def folder_fingerprint(samples_dir: str) -> str:

@@ -73,15 +73,16 @@ def bench_models(seconds_list, repeats, **model_kw):
             item = PrepareItem(name=f"{seconds:.0f}s", caption="energetic rock, distorted guitars, punchy drums",
                                waveform=clip(seconds), sample_rate=48000, lyrics=LYRICS, bpm=128, keyscale="E minor",
                                language="en")
-            resolved = prep._resolve_metadata(item, models.settings)
-            resolved.key = "0" * 64
-            models.encode(resolved)  # warm-up (cuDNN autotuning, allocator)
+            source = prep._resolve_source(item, models.settings)
+            source.content = "bench"
+            (piece,) = prep._cut(source, models.settings, {})  # one training sample: the whole clip
+            models.encode(piece, item.waveform, 48000)  # warm-up (cuDNN autotuning, allocator)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             for _ in range(repeats):
-                data = models.encode(resolved)
+                data = models.encode(piece, item.waveform, 48000)
             if cuda:
                 torch.cuda.synchronize()
             elapsed = (time.perf_counter() - t0) / repeats

@@ -89,10 +89,13 @@ class CreateTrainingSample:
 
 class CollectTrainingSamples:
     DESCRIPTION = ("Gather every audio file in a folder (and its subfolders) with its caption, lyrics, bpm, key, "
-                   "language and time signature, read from the JSON files Create Training Sample writes, or from "
-                   "<name>.txt (lyrics), <name>_prompt.txt (caption), <name>_lyrics.txt (lyrics) and <name>.json "
-                   "next to each audio file. Each output is a JSON list, one entry per audio file, in the same "
-                   "order; connect them to LoRA Prepare Training Data.")
+                   "language and time signature, read from the files next to each audio file <name>: <name>.json "
+                   "(what Create Training Sample writes: caption, lyrics, bpm, keyscale, language, timesignature), "
+                   "<name>_caption.txt (the caption; <name>_prompt.txt also works), <name>_lyrics.txt (the lyrics), "
+                   "<name>.txt (the lyrics: the official ACE-Step convention, so a caption saved there is read as "
+                   "lyrics). A file without a caption gets its file name as caption; Prepare's table flags both. "
+                   "Each output is a JSON list, one entry per audio file, in the same order; connect them to LoRA "
+                   "Prepare Training Data.")
     CATEGORY = comfy.CATEGORY
     FUNCTION = "collect"
     RETURN_TYPES = ("STRING",) * 7
@@ -100,7 +103,7 @@ class CollectTrainingSamples:
                     "timesignature_list")
     OUTPUT_TOOLTIPS = (
         "JSON list of the audio files' full paths, sorted by path.",
-        "JSON list of captions (the file name when a file has none).",
+        "JSON list of captions (the file name when a file has none: Prepare's table flags it).",
         "JSON list of lyrics ([Instrumental] when a file has none).",
         "JSON list of tempos; \"\" where unknown.",
         "JSON list of keys such as \"C major\"; \"\" where unknown.",

@@ -215,10 +215,13 @@ def test_collect_reads_create_output(tmp_path):
     found = collect_samples(str(tmp_path))
     by_id = {s.sample_id: s for s in found}
     assert [s.audio_path for s in found] == sorted(s.audio_path for s in found)
+    sidecar = os.path.basename(a["sidecar_path"])
     assert by_id[a["id"]] == Sample(a["audio_path"], "calm piano, rain", "[Verse]\none, two\nthree", 72, "F# minor",
-                                    "en", "3", a["id"])
+                                    "en", "3", a["id"], caption_source=sidecar, lyrics_source=sidecar,
+                                    bpm_source="typed", notes=[])
     assert by_id[b["id"]] == Sample(b["audio_path"], "loud synth", "[Instrumental]", 140, "", "instrumental", "",
-                                    b["id"])
+                                    b["id"], caption_source=os.path.basename(b["sidecar_path"]),
+                                    lyrics_source=os.path.basename(b["sidecar_path"]), bpm_source="typed", notes=[])
 
 
 def test_collect_plain_folder_sidecar_conventions(tmp_path):
@@ -248,6 +251,60 @@ def test_collect_plain_folder_sidecar_conventions(tmp_path):
     assert (c.caption, c.lyrics, c.bpm, c.keyscale) == ("ambient, pads", "la\nla", None, "")
     assert (d.caption, d.lyrics, d.language, d.sample_id) == ("d no meta", "[Instrumental]", "instrumental", "")
     assert all(os.path.isabs(s.audio_path) for s in found)
+    # where each text came from
+    assert (a.caption_source, a.lyrics_source, a.notes) == ("a_song_prompt.txt", "a_song.txt", [])
+    assert (b.caption_source, b.lyrics_source, b.bpm_source) == ("b.json", "b_lyrics.txt", "typed")
+    assert (c.caption_source, c.lyrics_source, c.bpm_source) == ("c.json", "c.json", "")
+    assert (d.caption_source, d.lyrics_source, d.notes) == ("file name", "none → [Instrumental]",
+                                                            ["caption from file name"])
+
+
+def test_collect_caption_precedence_and_sources(tmp_path):
+    write_audio(str(tmp_path / "s.wav"))
+    (tmp_path / "s.json").write_text(json.dumps({"caption": "from json"}))
+    assert (collect_samples(str(tmp_path))[0].caption, collect_samples(str(tmp_path))[0].caption_source) == (
+        "from json", "s.json")
+    (tmp_path / "s_prompt.txt").write_text("from prompt txt")
+    assert collect_samples(str(tmp_path))[0].caption == "from prompt txt"
+    (tmp_path / "s_caption.txt").write_text("  from caption txt, wins\n")
+    found = collect_samples(str(tmp_path))[0]
+    assert (found.caption, found.caption_source, found.notes) == ("from caption txt, wins", "s_caption.txt", [])
+    (tmp_path / "s_caption.txt").write_text("   ")  # blank: falls through to the next source
+    assert collect_samples(str(tmp_path))[0].caption_source == "s_prompt.txt"
+
+
+def test_collect_flags_file_name_caption(tmp_path):
+    write_audio(str(tmp_path / "01 - Track 1.flac"))
+    (tmp_path / "01 - Track 1.json").write_text(json.dumps({"bpm": 120}))  # metadata, but no caption
+    found = collect_samples(str(tmp_path))[0]
+    assert (found.caption, found.caption_source) == ("01 - Track 1", samples.FROM_FILE_NAME)
+    assert found.notes == [samples.NOTE_FILE_NAME_CAPTION] == ["caption from file name"]
+    assert (found.bpm, found.bpm_source) == (120, "typed")
+
+
+@pytest.mark.parametrize("text,flagged", [
+    ("rock, loud guitars, drums", True),           # a caption saved under the lyrics name
+    ("ambient piano", True),                       # one line, no section tags
+    ("[Verse]\nhello, world\nagain", False),       # lyrics: line breaks and section tags
+    ("la la la\nla la", False),                    # several lines
+    ("[Instrumental]", False),                     # a section tag
+])
+def test_collect_txt_is_lyrics_and_flagged_when_it_looks_like_a_caption(tmp_path, text, flagged):
+    write_audio(str(tmp_path / "song.wav"))
+    (tmp_path / "song.txt").write_text(text)
+    found = collect_samples(str(tmp_path))[0]
+    assert found.lyrics == text and found.lyrics_source == "song.txt"  # the official convention: lyrics
+    note = "song.txt is read as LYRICS (official convention); if it is a caption, rename it song_caption.txt"
+    assert (note in found.notes) == flagged
+    assert found.caption_source == "file name"  # the .txt never becomes the caption
+
+
+def test_collect_bpm_detected_by_create_is_labelled(tmp_path, fake_bpm):
+    info = create_sample(tone(1.0), SR, "groove", str(tmp_path), bpm=0)
+    typed = create_sample(tone(1.0, freq=300.0), SR, "typed groove", str(tmp_path), bpm=97)
+    by_id = {s.sample_id: s for s in collect_samples(str(tmp_path))}
+    assert (by_id[info["id"]].bpm, by_id[info["id"]].bpm_source) == (123, "detected (Create)")
+    assert (by_id[typed["id"]].bpm, by_id[typed["id"]].bpm_source) == (97, "typed")
 
 
 def test_collect_lyrics_precedence_txt_over_json(tmp_path):
