@@ -19,6 +19,7 @@ import traceback
 from . import __version__
 from .checkpoint import DEFAULT_CONFIG_PATH
 from .console import CountBar, TrainingBar, library_bars_off, say
+from .samples import SIDECAR_HELP
 from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainingStopped
 
 # What a user can cause and fix from the message alone; anything else is a bug and keeps its traceback.
@@ -27,21 +28,14 @@ INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + S
 
 
 def _prepare(args) -> int:
-    from .prepare import PrepareItem, PrepareSettings, prepare_dataset
+    from .prepare import PrepareSettings, items_from_samples, prepare_dataset
     from .samples import collect_samples
 
-    samples = collect_samples(args.samples_dir)
-    items = [PrepareItem(name=s.audio_path, path=s.audio_path, caption=s.caption, lyrics=s.lyrics, bpm=s.bpm,
-                         keyscale=s.keyscale, language=s.language, timesignature=s.timesignature) for s in samples]
-    wanted = dict(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path, device=args.device,
-                  custom_tag=args.custom_tag, tag_position=args.tag_position, max_duration=args.max_duration,
-                  long_audio=args.long_audio, detect_bpm=args.detect_bpm)
-    # long_audio / detect_bpm exist only in PrepareSettings versions that have them: pass what this one knows.
-    known = {f.name for f in dataclasses.fields(PrepareSettings)}
-    settings = PrepareSettings(**{k: v for k, v in wanted.items() if k in known and v is not None})
-    flags = {"long_audio": "--long-audio", "detect_bpm": "--no-detect-bpm"}
-    for name in sorted(k for k, v in wanted.items() if k not in known and v is not None):
-        say(f"note: {flags[name]} is not supported by this version's Prepare; ignored")
+    items = items_from_samples(collect_samples(args.samples_dir))
+    settings = PrepareSettings(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path, device=args.device,
+                               custom_tag=args.custom_tag, tag_position=args.tag_position,
+                               max_duration=args.max_duration, long_audio=args.long_audio,
+                               detect_bpm=args.detect_bpm)
     bar = CountBar("prepare")
     try:
         result = prepare_dataset(items, args.output, settings, progress=bar.update)
@@ -94,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", parents=[debug], help="encode a folder of samples into training tensors")
+    p = sub.add_parser("prepare", parents=[debug], help="encode a folder of samples into training tensors",
+                       epilog=SIDECAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples-dir", required=True, help="audio files with .json/.txt sidecars (or Create's output)")
     p.add_argument("--output", required=True, help="tensor folder to write")
     p.add_argument("--checkpoint-dir", required=True)
@@ -103,10 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--custom-tag", default="")
     p.add_argument("--tag-position", default="append", choices=["append", "prepend", "replace"])
     p.add_argument("--max-duration", type=float, default=240.0)
-    p.add_argument("--long-audio", dest="long_audio", choices=["segments", "crop"], default=None,
-                   help="songs longer than --max-duration: cut into segments, or keep only the first part "
-                        "(default: Prepare's)")
-    p.add_argument("--no-detect-bpm", dest="detect_bpm", action="store_false", default=None,
+    p.add_argument("--long-audio", dest="long_audio", choices=["segments", "crop"], default="segments",
+                   help="songs longer than --max-duration: cut into equal segments (default), or keep only the "
+                        "first part")
+    p.add_argument("--no-detect-bpm", dest="detect_bpm", action="store_false", default=True,
                    help="do not detect the tempo of samples that give none")
     p.set_defaults(run=_prepare)
 

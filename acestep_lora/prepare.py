@@ -159,7 +159,8 @@ class _Piece:
 
     @property
     def label(self) -> str:
-        return self.source.item.name + (f" (part {self.index + 1} of {self.count})" if self.count > 1 else "")
+        name = os.path.basename(self.source.item.path) if self.source.item.path else self.source.item.name
+        return name + (f" (part {self.index + 1} of {self.count})" if self.count > 1 else "")
 
 
 def _slug(text: str) -> str:

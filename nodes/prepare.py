@@ -7,6 +7,7 @@ import os
 from ..acestep_lora import checkpoint as ckpt
 from ..acestep_lora import lists
 from ..acestep_lora.audio import from_comfy_audio
+from ..acestep_lora.console import CountBar, say
 from ..acestep_lora.device import DEVICE_CHOICES
 from ..acestep_lora.prepare import LONG_AUDIO_CHOICES, PrepareItem, PrepareSettings, prepare_dataset
 from . import comfy
@@ -141,13 +142,19 @@ class PrepareTrainingData:
                                    tag_position=tag_position, max_duration=max_duration, long_audio=long_audio,
                                    detect_bpm=bool(detect_bpm))
 
+        console = CountBar("prepare")
+
         def progress(done, total, message):
             bar.set(done)
-            print(f"[ACE-Step LoRA] prepare {done}/{total}: {message}")
+            console.update(done, total, message)
 
         comfy.free_memory()  # ComfyUI's cached generation models out of the way of the VAE and encoders
-        result = prepare_dataset(items, comfy.resolve_under_output(output_dir), settings, progress=progress,
-                                 check_cancel=comfy.check_interrupt, input_notes=notes)
+        try:
+            result = prepare_dataset(items, comfy.resolve_under_output(output_dir), settings, progress=progress,
+                                     check_cancel=comfy.check_interrupt, input_notes=notes)
+        finally:
+            console.close()
+        say(result.status)
         return {"ui": {"text": [result.status]}, "result": (result.tensor_dir, result.status)}
 
 

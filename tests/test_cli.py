@@ -108,15 +108,9 @@ def test_ctrl_c_names_the_checkpoint_and_exits_130(tiny_ckpt, tensors, tmp_path)
         assert os.path.isfile(os.path.join(folder, "training_state.pt"))
 
 
-@dataclasses.dataclass
-class NewerSettings(PrepareSettings):
-    long_audio: str = "segments"
-    detect_bpm: bool = True
-
-
-@pytest.mark.parametrize("settings_class", [PrepareSettings, NewerSettings])
-def test_prepare_passes_long_audio_and_bpm_only_where_prepare_has_them(tmp_path, monkeypatch, capsys,
-                                                                       settings_class):
+@pytest.mark.parametrize("flags,expected", [([], ("segments", True)),
+                                            (["--long-audio", "crop", "--no-detect-bpm"], ("crop", False))])
+def test_prepare_passes_long_audio_and_bpm(tmp_path, monkeypatch, capsys, flags, expected):
     sf.write(tmp_path / "s.wav", tone(0.5, rate=48000).T.numpy(), 48000)
     (tmp_path / "s.json").write_text(json.dumps({"caption": "c"}))
     seen = {}
@@ -125,16 +119,16 @@ def test_prepare_passes_long_audio_and_bpm_only_where_prepare_has_them(tmp_path,
         seen["settings"] = settings
         return prepare_mod.PrepareResult(output_dir, "status line", 1, 0)
 
-    monkeypatch.setattr(prepare_mod, "PrepareSettings", settings_class)
     monkeypatch.setattr(prepare_mod, "prepare_dataset", fake_prepare)
     assert main(["prepare", "--samples-dir", str(tmp_path), "--output", str(tmp_path / "t"), "--checkpoint-dir",
-                 "ckpt", "--long-audio", "crop", "--no-detect-bpm"]) == 0
+                 "ckpt", *flags]) == 0
     out = capsys.readouterr().out
-    fields = {f.name for f in dataclasses.fields(settings_class)}
-    if "long_audio" in fields:
-        assert (seen["settings"].long_audio, seen["settings"].detect_bpm) == ("crop", False)
-        assert "not supported" not in out
-    else:
-        assert "--long-audio is not supported by this version's Prepare; ignored" in out
-        assert "--no-detect-bpm is not supported by this version's Prepare; ignored" in out
+    assert (seen["settings"].long_audio, seen["settings"].detect_bpm) == expected
     assert out.count("status line") == 1
+
+
+def test_prepare_help_states_the_sidecar_convention(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert "<name>_caption.txt" in out and "<name>.txt           the lyrics" in out

@@ -260,7 +260,7 @@ def test_relative_checkpoint_dir_resolves_against_comfyui_folders(comfy, tiny_ck
     f = write_wav(str(tmp_path / "a.wav"))
     for typed in ("models/Ace-Step1.5", "Ace-Step1.5"):
         out = call_prepare(comfy, typed, audio_files=f, captions="c", output_dir=f"t_{typed.replace('/', '_')}")
-        assert "Prepared 1 samples" in out["result"][1]
+        assert "Prepared 1 sample (" in out["result"][1]
 
 
 def test_live_events_are_json_safe(comfy):

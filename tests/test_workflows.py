@@ -232,15 +232,21 @@ def test_2_typed_file_paths(workflows):
 
 
 def test_2_typed_lists_parse_to_three_samples(comfy, workflows):
-    """The typed values go through the same list parsing as Prepare: three entries each (or one for all)."""
-    from acestep_lora.lists import fit_list, parse_list
+    """The typed values go through Prepare's own list rules: one entry per file, the seed's comma form split
+    (and said so) because it is unambiguous there."""
+    from acestep_lora.lists import metadata_lists, parse_list
 
     prepare = _by_type(workflows["2_file_paths_to_lora.json"], "ACEStepLoRA_PrepareTrainingData")[0]
     names = ["audio_files", "captions", "lyrics_list", "bpm_list", "keyscale_list", "language_list"]
     values = dict(zip(names, prepare["widgets_values"]))
     assert len(parse_list(values["audio_files"], "audio_files")) == 3
-    for name in names[1:]:
-        assert len(fit_list(parse_list(values[name], name), 3, name)) == 3
+    per_file, notes = metadata_lists(values, 3)
+    assert per_file["captions"] == ["Electronic pop with synth", "Upbeat dance track", "Chill lo-fi beat"]
+    assert per_file["lyrics_list"] == ["[Instrumental]"] * 3
+    assert per_file["bpm_list"] == ["120", "128", "90"]
+    assert per_file["keyscale_list"] == ["C Major", "D Minor", "F Major"]
+    assert per_file["language_list"] == ["instrumental"] * 3
+    assert any("captions: split at commas into 3" in n for n in notes)
 
 
 def test_3_lora_info_reaches_kaola_text_to_music(workflows):
