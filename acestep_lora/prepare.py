@@ -159,8 +159,18 @@ class _Piece:
 
     @property
     def label(self) -> str:
-        name = os.path.basename(self.source.item.path) if self.source.item.path else self.source.item.name
-        return name + (f" (part {self.index + 1} of {self.count})" if self.count > 1 else "")
+        """How errors and warnings name this piece: the file as given, and which part."""
+        return self.source.item.name + self._part
+
+    @property
+    def short_label(self) -> str:
+        """How progress lines name it: the file name without its folder."""
+        item = self.source.item
+        return (os.path.basename(item.path) if item.path else item.name) + self._part
+
+    @property
+    def _part(self) -> str:
+        return f" (part {self.index + 1} of {self.count})" if self.count > 1 else ""
 
 
 def _slug(text: str) -> str:
@@ -370,7 +380,7 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
                 check_cancel()
             if piece.file not in metas:
                 if progress is not None:
-                    progress(index, len(pieces), f"encoding {piece.label}")
+                    progress(index, len(pieces), f"encoding {piece.short_label}")
                 waveform, rate = _decode(piece, len(encoded))
                 if piece.bpm is None and settings.detect_bpm:
                     piece.bpm, piece.bpm_source, _ = sample_files.detect_tempo(waveform, rate)
@@ -383,7 +393,7 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
                 encoded.append(piece)
             if progress is not None:
                 progress(index + 1, len(pieces),
-                         f"{'encoded' if encoded and encoded[-1] is piece else 'cached'} {piece.label}")
+                         f"{'encoded' if encoded and encoded[-1] is piece else 'cached'} {piece.short_label}")
     finally:
         if models is not None:
             del models
