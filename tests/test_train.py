@@ -330,6 +330,52 @@ def test_finished_run_with_same_settings_is_reused(tiny_ckpt, tensors, tmp_path,
     assert again.steps == first.steps and losses(again) == losses(first) and "already trained" in again.log
 
 
+def test_requeue_with_another_dtype_or_name_yields_the_file_it_names(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    """comfy_dtype and lora_name change only the exported file: a finished run is re-exported from its fp32
+    adapter, never retrained, and the result names a file that exists, in the dtype asked for."""
+    from safetensors.torch import load_file
+    loras = tmp_path / "loras"
+    settings = dict(loras_dir=str(loras), train_epochs=2, save_every_n_epochs=0)
+    first = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", **settings))
+    assert first.comfy_lora_path == str(loras / "run.safetensors")
+    adapter = lora_pairs(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
+    monkeypatch.setattr(Trainer, "setup", lambda self: pytest.fail("retrained instead of re-exporting"))
+
+    def check(result, path, dtype):
+        assert result.comfy_lora_path == str(path) and os.path.isfile(path)
+        weights, meta = read_comfy_lora(str(path))
+        assert {v.dtype for k, v in weights.items() if not k.endswith(".alpha")} == {dtype}
+        for module, ab in lora_pairs(weights).items():  # the trained adapter, cast once
+            assert torch.equal(ab["A"], adapter[module]["A"].to(dtype))
+            assert torch.equal(ab["B"], adapter[module]["B"].to(dtype))
+        assert meta["acestep_lora.run_id"] == first.run_id and meta["acestep_lora.alpha"] == "16"
+
+    check(first, loras / "run.safetensors", torch.bfloat16)
+    as_fp32 = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", comfy_dtype="float32", **settings))
+    check(as_fp32, loras / "run.safetensors", torch.float32)  # this run's file, replaced in the dtype asked for
+    renamed = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", lora_name="my style", comfy_dtype="float16",
+                                trigger_tag="mystyle", **settings))
+    check(renamed, loras / "my_style.safetensors", torch.float16)
+    assert read_comfy_lora(str(loras / "my_style.safetensors"))[1]["acestep_lora.trigger_tag"] == "mystyle"
+    assert renamed.trigger_tag == "mystyle" and renamed.steps == first.steps and "already trained" in renamed.log
+    assert os.path.isfile(loras / "run.safetensors")  # the first name's file stays
+    # What changes training is refused instead (the folder is kept as it is)
+    with pytest.raises(FileExistsError, match="learning_rate 0.002 -> 0.001"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "run", learning_rate=1e-3, **settings))
+
+
+def test_resume_from_a_state_that_is_not_ours_names_it(tiny_ckpt, tensors, tmp_path):
+    train_lora(config(tiny_ckpt, tensors, tmp_path / "a", train_epochs=2, save_every_n_epochs=1))
+    folder = tmp_path / "a" / "checkpoints" / "epoch_1"
+    import collections
+    torch.save({"format": 1, "counts": collections.Counter(a=1)}, folder / "training_state.pt")  # not loadable safely
+    with pytest.raises(ValueError) as error:
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "b", resume_from=str(folder)))
+    assert str(error.value).startswith(f"resume_from '{folder}': {folder / 'training_state.pt'} is not a training "
+                                       "state this pack wrote, or it is damaged")
+    assert "It was not executed" in str(error.value) and "Weights only load failed" not in str(error.value)
+
+
 @pytest.mark.parametrize("change,pattern", [({"lora_rank": 16}, "lora_rank: checkpoint 8, now 16"),
                                             ({"target_modules": "q_proj,v_proj"}, "target_modules")])
 def test_resume_with_other_rank_or_targets(tiny_ckpt, tensors, tmp_path, change, pattern):
