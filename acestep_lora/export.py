@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from . import lora
-from .run_state import RunState
 from .lora_io import PEFT_WEIGHTS_NAME, lora_pairs, publish_copy, save_comfy_lora, unique_path
+from .run_state import RunState
 
 log = logging.getLogger(__name__)
 

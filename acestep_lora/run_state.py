@@ -109,7 +109,8 @@ class RunState:
 
     def save(self, directory: str) -> None:
         """Into a folder being built (fileio.atomic_directory swaps it in whole)."""
-        torch.save({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, os.path.join(directory, STATE_FILE))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # not asdict: it copies tensors
+        torch.save(values, os.path.join(directory, STATE_FILE))
         with open(os.path.join(directory, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(self.info(), f, indent=2)
 

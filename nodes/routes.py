@@ -11,8 +11,8 @@ summary = the fields of the websocket message (``acestep_lora.metrics.ProgressEv
 total_epochs, elapsed, eta, loss, lr) but ``points``, plus ``node``, ``output_dir``, ``started``, ``done`` and
 ``num_points``; ``loss``/``lr`` are the last point's; a value that is not a finite number is ``null`` (JSON has no
 NaN, and the browser's JSON.parse rejects it). tests/js/fixtures/training_messages.json holds an example of each
-answer and of the websocket message, made from these definitions (tests/test_routes.py keeps it so). ComfyUI serves each route also under ``/api``, which
-is what the frontend's ``api.fetchApi`` uses.
+answer and of the websocket message, made from these definitions (tests/test_routes.py keeps it so). ComfyUI
+serves each route also under ``/api``, which is what the frontend's ``api.fetchApi`` uses.
 
 Registered at import when ComfyUI's ``server.PromptServer.instance.routes`` exists; otherwise (tests, scripts, the
 headless stand-in whose ``routes`` is None) importing this module does nothing.

@@ -83,5 +83,6 @@ def test_padded_frames_do_not_count(tiny_ckpt):
     padded_noise = torch.stack([noises[0], F.pad(noises[1], (0, 0, 0, 5))])
     with torch.no_grad():
         together = loss(decoder, batch, Draw(padded_noise, t))
-        alone = [loss(decoder, collate([s]), Draw(n[None], t[i:i + 1])) for i, (s, n) in enumerate(zip(samples, noises))]
+        alone = [loss(decoder, collate([s]), Draw(n[None], t[i:i + 1]))
+                 for i, (s, n) in enumerate(zip(samples, noises))]
     assert together.item() == pytest.approx((alone[0].item() * 14 + alone[1].item() * 9) / 23, rel=1e-5)
