@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 PREFIX = "[ACE-Step LoRA]"
 LOGGER = "acestep_lora"
+HANDLER = "acestep_lora.console"
 
 
 class PrefixFormatter(logging.Formatter):
@@ -44,8 +45,10 @@ def install(level: int = logging.INFO) -> logging.Logger:
     """Route the pack's log records to the console (prefix, tqdm-safe); idempotent. They no longer propagate to
     the root logger, whose handler (ComfyUI's) would print each line a second time."""
     logger = logging.getLogger(LOGGER)
-    if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
+    # Found by name, not class: the node pack imports this module under its own package name as well
+    if not any(h.get_name() == HANDLER for h in logger.handlers):
         handler = TqdmHandler()
+        handler.set_name(HANDLER)
         handler.setFormatter(PrefixFormatter())
         logger.addHandler(handler)
     logger.setLevel(level)

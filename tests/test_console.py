@@ -14,6 +14,11 @@ def test_records_print_once_with_one_prefix_per_line_above_the_bar(capsys):
     try:
         console.install()
         console.install()  # idempotent: still one line per record
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("pack_x_console", console.__file__)
+        copy = importlib.util.module_from_spec(spec)  # the node pack's own import of this module
+        spec.loader.exec_module(copy)
+        copy.install()
         bar = tqdm(total=10, file=io.StringIO(), disable=False)  # a bar is running
         logging.getLogger("acestep_lora.train").info("done: 2 epochs\nPEFT adapter: /x")
         bar.close()
