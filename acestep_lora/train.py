@@ -113,6 +113,7 @@ class Trainer:
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
         self.net = None
+        self.epoch_hooks: list = []  # hook(trainer, epoch) after each epoch is logged and saved (previews, validation)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self, model: Optional[torch.nn.Module] = None) -> None:
@@ -218,6 +219,9 @@ class Trainer:
             if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
                 self.metrics.flush()
                 self.save_checkpoint(epoch)
+            for hook in self.epoch_hooks:
+                self.metrics.flush()
+                hook(self, epoch)
         self.metrics.flush()
         return self._finish()
 

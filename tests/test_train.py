@@ -163,6 +163,19 @@ def test_checkpoints_and_log(tiny_ckpt, tensors, tmp_path):
     assert "epoch 4/4" in result.log and "PEFT adapter:" in result.log
 
 
+def test_epoch_hooks_see_each_epoch_logged_and_saved(tiny_ckpt, tensors, tmp_path):
+    """Where previews and a validation loss plug in, without touching the loop."""
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=2))
+    seen = []
+    trainer.epoch_hooks.append(lambda t, epoch: seen.append(
+        (epoch, [e["epoch"] for e in t.metrics.epoch_log], (tmp_path / "checkpoints" / f"epoch_{epoch}").is_dir())))
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert seen == [(1, [1], False), (2, [1, 2], True), (3, [1, 2, 3], False)]
+
+
 # -- resume ------------------------------------------------------------------------------------------------------
 
 def test_resume_reproduces_uninterrupted_run_exactly(tiny_ckpt, tensors, tmp_path):
