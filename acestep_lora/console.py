@@ -1,8 +1,9 @@
 """What people read in a terminal (the command line, ComfyUI's console): the pack's log lines and its bars.
 
-The core logs through ``logging.getLogger("acestep_lora")`` (and its children) and never prints. ``install()``
-— called by the command line and by the node pack — gives that logger one handler that writes each line with the
-"[ACE-Step LoRA]" prefix once, through tqdm, so a line appears above a running progress bar instead of inside it.
+The core logs through ``logging.getLogger("acestep_lora.<module>")`` (named, not ``__name__``: ComfyUI imports
+the pack's copy under another package name) and never prints. ``install()``, called by the command line and the
+node pack, gives the "acestep_lora" logger one handler that writes each line with the "[ACE-Step LoRA]" prefix
+once, through tqdm, so a line appears above a running progress bar instead of inside it.
 Without ``install()`` (the core used as a library) the records go wherever the application's logging sends them.
 Progress bars are drawn only on a terminal, and vanish when done (the lines are the record); elsewhere (a log
 file, a service, CI) only the lines are written.

@@ -21,7 +21,7 @@ from . import lora
 from .lora_io import PEFT_WEIGHTS_NAME, lora_pairs, publish_copy, save_comfy_lora, unique_path
 from .run_state import RunState
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("acestep_lora.export")
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from .fileio import atomic_write_text
 from .run_state import TrainingStopped
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("acestep_lora.metrics")
 PRINT_EVERY_SECONDS = 10.0  # epoch lines in the console; train_log.jsonl gets every epoch
 
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("acestep_lora.optim")
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, eta_min_ratio: float = 0.01) -> float:

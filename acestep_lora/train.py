@@ -38,7 +38,7 @@ from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
                         continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("acestep_lora.train")
 
 
 @dataclass

@@ -146,11 +146,15 @@ def prepared(comfy, tiny_ckpt, tmp_path):
     return call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b", custom_tag="mytag")["result"][0]
 
 
-def test_train_node_end_to_end(comfy, tiny_ckpt, prepared):
+def test_train_node_end_to_end(comfy, tiny_ckpt, prepared, capsys):
     train = node_module(comfy, "train").TrainLoRA()
     unloaded_before = comfy.unloaded
+    capsys.readouterr()
     with torch.inference_mode():  # ComfyUI executes every node under inference mode
         out = train.train(**train_args(prepared, tiny_ckpt))
+    console = capsys.readouterr().out  # ComfyUI's console: the trainer's lines, once, prefixed once
+    assert console.count("[ACE-Step LoRA] training on 2 samples: 3 epochs") == 1
+    assert console.count("[ACE-Step LoRA] done: 3 epochs, 6 steps") == 1
     lora_info, log = out["result"]
     assert lora_info["scale"] == 1.0 and os.path.isfile(os.path.join(lora_info["path"], "adapter_config.json"))
     assert lora_info["path"] == os.path.join(comfy.output, "runs", "mylora", "final", "adapter")
