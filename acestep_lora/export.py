@@ -119,7 +119,7 @@ def files_text(adapter_dir: str, comfy_path: str, epoch_loras: list, loras_dir: 
 def reuse_finished(final_dir: str, cfg, lora_name: str, trigger_tag: str) -> TrainResult:
     """The finished run in ``final_dir`` (same signature) as the result of this request, its ComfyUI file in the
     dtype and under the name asked now (``cfg``: TrainConfig)."""
-    state = RunState.load(final_dir)
+    state = RunState.load(final_dir, role="the finished run")
     trigger_tag = cfg.trigger_tag or state.settings.get("trigger_tag") or trigger_tag
     comfy_path = reexport(final_dir, state.lora_file, final_lora_path(cfg.loras_dir, cfg.output_dir, lora_name,
                                                                        state.run_id), cfg.comfy_dtype, trigger_tag)

@@ -115,22 +115,27 @@ class RunState:
             json.dump(self.info(), f, indent=2)
 
     @classmethod
-    def load(cls, directory: str) -> "RunState":
+    def load(cls, directory: str, role: str = "resume_from") -> "RunState":
+        """``role`` names the folder in errors (what the user set that led here)."""
         path = os.path.join(directory, STATE_FILE)
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # weights_only refused an object: nothing in the file was run
-            raise ValueError(_not_ours(directory, path, "it holds Python objects other than tensors and plain "
-                                       "values")) from None
-        except Exception as e:  # truncated, not a torch file, ...
-            raise ValueError(_not_ours(directory, path, f"unreadable: {str(e).splitlines()[0][:200]}")) from None
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            state = cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as e:
-            raise ValueError(_not_ours(directory, path, f"{e}")) from None
+        except Exception as e:  # torch's own text would ask whether to trust the file and run it: never
+            text = str(e)
+            refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text
+            why = ("it holds Python objects other than tensors and plain values" if refused else
+                   f"unreadable: {(text.splitlines() or [type(e).__name__])[0][:200]}")
+            raise ValueError(_not_ours(role, directory, path, why)) from None
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if not isinstance(data, dict) or name not in data]
+        if missing:
+            raise ValueError(_not_ours(role, directory, path, f"no {', '.join(missing[:4])}"))
+        state = cls(**{f.name: data[f.name] for f in fields if f.name in data})
         if state.format != STATE_FORMAT:
-            raise ValueError(f"resume_from '{directory}': unknown checkpoint format {state.format}.")
+            raise ValueError(f"{role} '{directory}': unknown checkpoint format {state.format} (written by another "
+                             "version of acestep-lora).")
         return state
 
     def check_identity(self, directory: str, identity: dict) -> None:
@@ -141,8 +146,8 @@ class RunState:
                              "Use the checkpoint's settings to continue it, or leave resume_from empty for a new run.")
 
 
-def _not_ours(directory: str, path: str, why: str) -> str:
-    return (f"resume_from '{directory}': {path} is not a training state this pack wrote, or it is damaged ({why}). "
+def _not_ours(role: str, directory: str, path: str, why: str) -> str:
+    return (f"{role} '{directory}': {path} is not a training state this pack wrote, or it is damaged ({why}). "
             "It was not executed: only tensors and plain values are ever loaded from it. Choose another checkpoint "
             "folder, or leave resume_from empty to start a new run.")
 
@@ -176,7 +181,7 @@ def read_info(directory: str) -> dict:
         with open(os.path.join(directory, INFO_FILE), encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
-        return RunState.load(directory).info()
+        return RunState.load(directory, role="checkpoint").info()
 
 
 def _rank(directory: str) -> tuple:
