@@ -1,5 +1,4 @@
 """The command line runs the same prepare/train core as the nodes, and talks to people, not to debuggers."""
-import dataclasses
 import json
 import os
 import signal

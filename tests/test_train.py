@@ -484,8 +484,10 @@ def test_padded_batch_equals_samples_alone(tiny_ckpt):
     cs = [torch.randn(n, 128, generator=g) for n in lengths]
     es = [torch.randn(m, 64, generator=g) for m in tokens]
     t = torch.tensor([0.7, 0.3])
-    pad = lambda seqs: torch.stack([torch.nn.functional.pad(s, (0, 0, 0, max(len(x) for x in seqs) - len(s)))
-                                    for s in seqs])
+
+    def pad(seqs):
+        return torch.stack([torch.nn.functional.pad(s, (0, 0, 0, max(len(x) for x in seqs) - len(s))) for s in seqs])
+
     frame_mask = torch.tensor([[1.0] * 21, [1.0] * 14 + [0.0] * 7])
     enc_mask = torch.tensor([[1.0] * 9, [1.0] * 5 + [0.0] * 4])
     with torch.no_grad():
