@@ -5,22 +5,28 @@
     acestep-lora tiny-checkpoint demo_checkpoints/
     acestep-lora sample --checkpoint-dir checkpoints/ --lora runs/my_lora/final --caption "..." -o out.flac
 
-A mistake in the input ends with one message and exit status 1 (--debug shows the traceback); Ctrl-C during
-training saves a resumable checkpoint, names it, and exits with status 130.
+A mistake in the input ends with one message and exit status 1 (--debug shows the traceback). Ctrl-C during
+training stops at the next step boundary, saves a resumable checkpoint, names it, and exits with status 130
+(--resume-from latest continues exactly); a second Ctrl-C quits at once, saving nothing more.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
-from . import __version__
+from . import __version__, console
 from .checkpoint import DEFAULT_CONFIG_PATH
-from .console import CountBar, TrainingBar, library_bars_off, say
+from .console import CountBar, TrainingBar, library_bars_off
 from .samples import SIDECAR_HELP
 from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainingStopped
+
+log = logging.getLogger("acestep_lora.cli")
 
 # What a user can cause and fix from the message alone; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, TrainingStopped)
@@ -41,7 +47,7 @@ def _prepare(args) -> int:
         result = prepare_dataset(items, args.output, settings, progress=bar.update)
     except KeyboardInterrupt:
         bar.close()  # the bar first, so the message is the last line
-        say("stopped; the samples encoded so far are cached: the same command continues")
+        log.info("stopped; the samples encoded so far are cached: the same command continues")
         return INTERRUPTED
     finally:
         bar.close()
@@ -49,20 +55,46 @@ def _prepare(args) -> int:
     return 0
 
 
+class CtrlC:
+    """While training: the first Ctrl-C (SIGINT) only raises a flag that the trainer reads before each
+    micro-batch, so it stops at a step boundary — never inside a checkpoint write or the end-of-epoch log — and
+    saves a resumable checkpoint; a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.pressed, self.said, self.previous = False, False, None
+
+    def requested(self) -> bool:
+        if self.pressed and not self.said:  # said here, between steps: a handler's line could cut into another
+            log.info("Ctrl-C: stopping here and saving a resumable checkpoint (Ctrl-C again quits at once)")
+            self.said = True
+        return self.pressed
+
+    def _handle(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def _train(args) -> int:
-    from .train import TrainConfig, train_lora
+    from .train import TrainConfig, TrainingCancelled, train_lora
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     bar = TrainingBar()
     try:
-        train_lora(cfg, progress=bar.update)  # the engine prints the header, epochs and the summary (once)
-    except KeyboardInterrupt as interrupt:
+        with CtrlC() as ctrl_c:
+            train_lora(cfg, progress=bar.update, cancel_requested=ctrl_c.requested)  # the trainer logs the summary
+    except TrainingCancelled as stop:
         bar.close()  # the bar first, so the message is the last line
-        resumable = getattr(interrupt, "resumable", None)
-        say(resumable.message("run again with --resume-from latest") if resumable is not None else
-            "stopped before a resumable checkpoint was saved; a periodic one (if any) continues with "
-            "--resume-from latest")
+        log.info(stop.resumable.message("run again with --resume-from latest"))
         return INTERRUPTED
     finally:
         bar.close()
@@ -144,15 +176,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    console.install()
     parser = _parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
         return args.run(args)
-    except KeyboardInterrupt:  # outside the steps that handle it (loading, a second Ctrl-C while saving)
+    except KeyboardInterrupt:  # outside the steps that handle it (a second Ctrl-C, or one in prepare's loading)
         if debug:
             traceback.print_exc()
-        say("stopped")
+        log.info("stopped")
         return INTERRUPTED
     except USER_ERRORS as error:
         if debug:

@@ -1,26 +1,60 @@
-"""What people read in a terminal (the command line, ComfyUI's console): one display, no interleaving.
+"""What people read in a terminal (the command line, ComfyUI's console): the pack's log lines and its bars.
 
-Every line carries the "[ACE-Step LoRA]" prefix once and is written through tqdm, so it appears above a running
-progress bar instead of inside it. Progress bars are drawn only on a terminal, and vanish when done (the lines
-are the record); elsewhere (a log file, a service, CI) only the lines are written.
+The core logs through ``logging.getLogger("acestep_lora.<module>")`` (named, not ``__name__``: ComfyUI imports
+the pack's copy under another package name) and never prints. ``install()``, called by the command line and the
+node pack, gives the "acestep_lora" logger one handler that writes each line with the "[ACE-Step LoRA]" prefix
+once, through tqdm, so a line appears above a running progress bar instead of inside it.
+Without ``install()`` (the core used as a library) the records go wherever the application's logging sends them.
+Progress bars are drawn only on a terminal, and vanish when done (the lines are the record); elsewhere (a log
+file, a service, CI) only the lines are written.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from typing import Optional
 
 from tqdm import tqdm
 
 PREFIX = "[ACE-Step LoRA]"
+LOGGER = "acestep_lora"
+HANDLER = "acestep_lora.console"
 
 
-def say(message: str) -> None:
-    """Print ``message`` (one or more lines), each line prefixed once, above any progress bar."""
-    if sys.stdout is None:  # no console at all (pythonw)
-        return
-    tqdm.write("\n".join(f"{PREFIX} {line}" for line in str(message).splitlines() or [""]))
-    sys.stdout.flush()  # a log file or a service's journal gets the line now, not when a buffer fills
+class PrefixFormatter(logging.Formatter):
+    """Every line of a record gets the prefix once (a multi-line summary too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(f"{PREFIX} {line}" for line in super().format(record).splitlines() or [""])
+
+
+class TqdmHandler(logging.Handler):
+    """Writes above any tqdm bar (tqdm clears the bar, writes the line, redraws it): no interleaving mid-line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if sys.stdout is None:  # no console at all (pythonw)
+            return
+        try:
+            tqdm.write(self.format(record))
+            sys.stdout.flush()  # a log file or a service's journal gets the line now, not when a buffer fills
+        except Exception:
+            self.handleError(record)
+
+
+def install(level: int = logging.INFO) -> logging.Logger:
+    """Route the pack's log records to the console (prefix, tqdm-safe); idempotent. They no longer propagate to
+    the root logger, whose handler (ComfyUI's) would print each line a second time."""
+    logger = logging.getLogger(LOGGER)
+    # Found by name, not class: the node pack imports this module under its own package name as well
+    if not any(h.get_name() == HANDLER for h in logger.handlers):
+        handler = TqdmHandler()
+        handler.set_name(HANDLER)
+        handler.setFormatter(PrefixFormatter())
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
 
 
 @contextlib.contextmanager
@@ -41,19 +75,19 @@ def library_bars_off():
 
 
 class TrainingBar:
-    """The console bar of a training run (steps, epoch, last loss), fed the engine's progress dictionaries."""
+    """The console bar of a training run (steps, epoch, last loss), fed the trainer's progress events."""
 
     def __init__(self):
         self.bar: Optional[tqdm] = None
 
-    def update(self, info: dict) -> None:
-        if self.bar is None:  # the first report comes after the first step of this session (resume: of the rest)
-            self.bar = tqdm(total=info["total_steps"], initial=info["step"] - 1, desc=f"{PREFIX} training",
+    def update(self, event) -> None:
+        """``event``: a ``metrics.ProgressEvent``."""
+        if self.bar is None:  # the first event comes after the first step of this session (resume: of the rest)
+            self.bar = tqdm(total=event.total_steps, initial=max(0, event.step - 1), desc=f"{PREFIX} training",
                             unit="step", dynamic_ncols=True, leave=False, disable=None)
-        self.bar.update(info["step"] - self.bar.n)
-        if info.get("new_points"):
-            self.bar.set_postfix(epoch=f"{info['epoch']}/{info['total_epochs']}", loss=f"{info['loss']:.4f}",
-                                 refresh=False)
+        self.bar.update(event.step - self.bar.n)
+        if event.loss is not None:
+            self.bar.set_postfix(epoch=f"{event.epoch}/{event.total_epochs}", loss=f"{event.loss:.4f}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -62,7 +96,7 @@ class TrainingBar:
 
 
 class CountBar:
-    """A bar over a known number of items (Prepare's samples); off a terminal, one line per step instead."""
+    """A bar over a known number of items (Prepare's samples); off a terminal, one log line per step instead."""
 
     def __init__(self, what: str):
         self.what, self.bar = what, None
@@ -72,7 +106,7 @@ class CountBar:
             self.bar = tqdm(total=total, desc=f"{PREFIX} {self.what}", unit="sample", dynamic_ncols=True,
                             leave=False, disable=None)
         if self.bar.disable:
-            say(f"{self.what} {done}/{total}: {message}")
+            logging.getLogger(LOGGER).info(f"{self.what} {done}/{total}: {message}")
             return
         self.bar.set_postfix_str(message, refresh=False)
         self.bar.update(done - self.bar.n)

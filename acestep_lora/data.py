@@ -1,4 +1,5 @@
-"""Training data: the prepared ``.pt`` files, length-bucketed batches, and padding with masks."""
+"""Training data: the prepared ``.pt`` files listed in ``manifest.json``, length-bucketed batches, padding with
+masks."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .prepare import TENSOR_KEYS, load_manifest
+from .manifest import TENSOR_KEYS, Manifest
 
 
 @dataclass
@@ -33,8 +34,8 @@ class TensorDataset:
             raise FileNotFoundError(f"tensor_dir '{tensor_dir}' does not exist. Connect the tensor_dir output of "
                                     "'ACE-Step LoRA Prepare Training Data' (or type the folder it wrote).")
         self.tensor_dir = tensor_dir
-        self.manifest = load_manifest(tensor_dir)
-        names = self.manifest.get("samples") or []
+        self.manifest = Manifest.load(tensor_dir)
+        names = self.manifest.samples
         if not names:
             raise ValueError(f"tensor_dir '{tensor_dir}': manifest.json lists no samples; run Prepare with audio.")
         self.samples = [self._load(name) for name in names]
@@ -60,6 +61,21 @@ class TensorDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def check_for(self, config_path: str, condition_width: int, batch_size: int) -> None:
+        """Refuse tensors another model's encoder made, and a batch larger than the dataset."""
+        prepared_with, wanted = self.manifest.config_path, os.path.basename(os.path.normpath(config_path))
+        if prepared_with and prepared_with != wanted:
+            raise ValueError(f"tensor_dir '{self.tensor_dir}' was prepared with config_path '{prepared_with}', but "
+                             f"training uses '{wanted}'. Train with '{prepared_with}' or run Prepare again with "
+                             f"'{wanted}' (the conditioning comes from that model's encoder).")
+        if self.condition_width != condition_width:
+            raise ValueError(f"tensor_dir '{self.tensor_dir}' holds conditioning of width {self.condition_width}, "
+                             f"but '{wanted}' expects {condition_width}: the tensors come from another model. Run "
+                             "Prepare again with this checkpoint.")
+        if batch_size > len(self):
+            raise ValueError(f"batch_size {batch_size} is larger than the dataset ({len(self)} samples); "
+                             f"use batch_size <= {len(self)} or add samples.")
 
     @property
     def condition_width(self) -> int:

@@ -23,6 +23,8 @@ from torch import nn
 
 from .lora_io import PEFT_PREFIX, PEFT_WEIGHTS_NAME, peft_adapter_config, write_peft_config
 
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"  # the official trainer's: attention projections
+
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
@@ -41,6 +43,25 @@ class LoRALinear(nn.Module):
         h = F.linear(h, self.lora_A)  # (..., r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
         return out.view(y.shape)
+
+
+def linear_names(decoder: nn.Module, prefix: str = "layers.") -> set[str]:
+    """Names a LoRA can target: leaf names of the decoder's transformer Linears (q_proj, ..., down_proj)."""
+    return {name.split(".")[-1] for name, m in decoder.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith(prefix)}
+
+
+def parse_targets(text: str, valid: set[str]) -> list[str]:
+    """``target_modules`` as typed ("q_proj, v_proj") -> sorted unique names, each one of ``valid``."""
+    targets = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"target_modules is empty; use e.g. '{DEFAULT_TARGETS}'. Valid names: "
+                         f"{', '.join(sorted(valid))}.")
+    unknown = [t for t in targets if t not in valid]
+    if unknown:
+        raise ValueError(f"target_modules: {', '.join(unknown)} not found in the decoder. Valid names: "
+                         f"{', '.join(sorted(valid))}.")
+    return sorted(dict.fromkeys(targets))
 
 
 def inject(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float,
@@ -86,6 +107,16 @@ def load_peft_state_dict(layers: dict[str, LoRALinear], state: dict[str, torch.T
         for name, layer in layers.items():
             layer.lora_A.copy_(state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.lora_B.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+
+
+def load_peft_adapter(directory: str, layers: dict[str, LoRALinear]) -> None:
+    """Load a PEFT folder's weights (ours, e.g. a checkpoint's ``adapter/``) into the injected ``layers``."""
+    from safetensors.torch import load_file
+
+    try:
+        load_peft_state_dict(layers, load_file(os.path.join(directory, PEFT_WEIGHTS_NAME)))
+    except ValueError as e:
+        raise ValueError(f"'{directory}': {e}") from None
 
 
 def save_peft_adapter(directory: str, layers: dict[str, LoRALinear], targets: list[str], rank: int, alpha: float,

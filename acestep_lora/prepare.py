@@ -45,15 +45,12 @@ from . import samples as sample_files
 from .checkpoint import (TEXT_ENCODER_DIR, VAE_DIR, dit_dir, dit_identity, folder_identity, load_config,
                          load_dit, load_silence_latent, require_dir)
 from .device import compute_dtype, release_memory, resolve_device
-from .fileio import atomic_save, atomic_write_json, sha256_file
+from .fileio import atomic_save, sha256_file
+from .manifest import PREPROCESS_VERSION, TENSOR_KEYS, DatasetMetadata, Manifest, SampleInfo
 from .metadata import (INSTRUMENTAL_LYRICS, normalize_bpm, normalize_keyscale, normalize_language,
                        normalize_lyrics, normalize_timesignature, prompt_language)
 from .prompts import apply_custom_tag, caption_prompt, lyrics_prompt
 
-PREPROCESS_VERSION = 2  # 2: tempo detection in the metas, segments, per-window cache keys
-MANIFEST = "manifest.json"
-TENSOR_KEYS = ("target_latents", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
-               "context_latents")
 LONG_AUDIO_CHOICES = audio_io.LONG_AUDIO_CHOICES
 # ACE-Step generates 10-600 s (official DURATION_MIN / DURATION_MAX): a shorter clip teaches a length the model is
 # never asked for, and holds only a few bars of the style. Kept, with a note.
@@ -120,7 +117,7 @@ class PrepareResult:
     header: str = ""  # "Prepared 12 samples (3 encoded, 9 cached), ..."
     warnings: list = field(default_factory=list)  # what to check before training, one line each
     table: str = ""  # the per-file table of what will be trained on
-    samples_info: list = field(default_factory=list)  # as in manifest.json
+    samples_info: list = field(default_factory=list)  # [manifest.SampleInfo], as in manifest.json
 
 
 @dataclass
@@ -329,18 +326,6 @@ def context_latents_for(silence: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([src, torch.ones(frames, silence.shape[-1], dtype=silence.dtype, device=silence.device)], -1)
 
 
-def load_manifest(tensor_dir: str) -> dict:
-    path = os.path.join(tensor_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tensor_dir '{tensor_dir}' has no {MANIFEST}. Run 'ACE-Step LoRA Prepare Training "
-                                "Data' first and connect its tensor_dir output.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is damaged ({e}); run Prepare again to rewrite it.") from None
-
-
 def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: PrepareSettings,
                     progress: Optional[Callable[[int, int, str], None]] = None,
                     check_cancel: Optional[Callable[[], None]] = None,
@@ -400,25 +385,13 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
             release_memory(device)
 
     samples_info = [_sample_info(p, metas[p.file]) for p in pieces]
-    total_seconds = sum(s["duration_used"] for s in samples_info)
-    manifest = {
-        "metadata": {"name": os.path.basename(os.path.normpath(output_dir)), "custom_tag": settings.custom_tag,
-                     "tag_position": settings.tag_position, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "num_samples": len(pieces),
-                     "all_instrumental": all(s["instrumental"] for s in samples_info), "genre_ratio": 0},
-        "samples": [p.file for p in pieces],
-        "num_samples": len(pieces),
-        "preprocess_version": PREPROCESS_VERSION,
-        "checkpoint": fingerprint,
-        "dtype": str(dtype).replace("torch.", ""),
-        "max_duration": settings.max_duration,
-        "long_audio": settings.long_audio,
-        "detect_bpm": settings.detect_bpm,
-        "samples_info": samples_info,
-    }
+    total_seconds = sum(s.duration_used for s in samples_info)
     warnings = list(input_notes or []) + _warnings(sources, pieces, settings)
-    manifest["warnings"] = warnings
-    atomic_write_json(os.path.join(output_dir, MANIFEST), manifest)
+    metadata = DatasetMetadata(name=os.path.basename(os.path.normpath(output_dir)), custom_tag=settings.custom_tag,
+                               tag_position=settings.tag_position, created_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               num_samples=len(pieces), all_instrumental=all(s.instrumental for s in samples_info))
+    Manifest(samples_info, fingerprint, str(dtype).replace("torch.", ""), metadata, PREPROCESS_VERSION,
+             settings.max_duration, settings.long_audio, settings.detect_bpm, warnings).save(output_dir)
 
     elapsed = time.time() - started
     header = _header(len(pieces), sources, len(encoded), total_seconds,
@@ -455,7 +428,7 @@ def _decode(piece: _Piece, encoded_so_far: int) -> tuple[torch.Tensor, int]:
     return waveform, rate
 
 
-def _sample_info(piece: _Piece, meta: dict) -> dict:
+def _sample_info(piece: _Piece, meta: dict) -> SampleInfo:
     """One manifest ``samples_info`` entry: what this training sample is and where each fact came from. Only
     facts of the input (no timings, no cached/encoded flag): the same dataset gives the same entries."""
     src = piece.source
@@ -464,15 +437,13 @@ def _sample_info(piece: _Piece, meta: dict) -> dict:
     else:
         bpm = meta.get("bpm")
         bpm_source = meta.get("bpm_source") or (DETECTED if bpm is not None else UNKNOWN)
-    return {"file": piece.file, "name": src.item.name, "cache_key": piece.key,
-            "segment": piece.index, "segments": piece.count, "offset": round(piece.start / src.rate, 3),
-            "duration_used": meta["duration"], "duration_total": round(src.total_frames / src.rate, 3),
-            "frames": meta["frames"],
-            "caption": src.caption, "caption_source": src.caption_source,
-            "lyrics": src.lyrics, "lyrics_source": src.lyrics_source,
-            "instrumental": src.lyrics == INSTRUMENTAL_LYRICS,
-            "bpm": bpm, "bpm_source": bpm_source, "keyscale": src.keyscale, "language": src.language,
-            "timesignature": src.timesignature, "notes": list(piece.notes)}
+    return SampleInfo(file=piece.file, name=src.item.name, cache_key=piece.key, segment=piece.index,
+                      segments=piece.count, offset=round(piece.start / src.rate, 3), duration_used=meta["duration"],
+                      duration_total=round(src.total_frames / src.rate, 3), frames=meta["frames"],
+                      caption=src.caption, caption_source=src.caption_source, lyrics=src.lyrics,
+                      lyrics_source=src.lyrics_source, instrumental=src.lyrics == INSTRUMENTAL_LYRICS, bpm=bpm,
+                      bpm_source=bpm_source, keyscale=src.keyscale, language=src.language,
+                      timesignature=src.timesignature, notes=list(piece.notes))
 
 
 # ----------------------------------------------------------------------------------------------------- status
@@ -575,41 +546,41 @@ _SOURCE_WORDS = {sample_files.FROM_FILE_NAME: "(from the file name)", sample_fil
 _BPM_WORDS = {sample_files.TYPED: "typed", DETECTED: "detected", sample_files.DETECTED_BY_CREATE: "detected by Create"}
 
 
-def _bpm_cell(entries: list[dict]) -> str:
-    known = [e for e in entries if e["bpm"] is not None]
+def _bpm_cell(entries: list[SampleInfo]) -> str:
+    known = [e for e in entries if e.bpm is not None]
     if not known:
         return UNKNOWN
-    values = [str(e["bpm"]) if e["bpm"] is not None else "?" for e in entries]
+    values = [str(e.bpm) if e.bpm is not None else "?" for e in entries]
     shown = values[0] if len(set(values)) == 1 else "/".join(values)
-    return f"{shown} ({_BPM_WORDS.get(known[0]['bpm_source'], known[0]['bpm_source'])})"
+    return f"{shown} ({_BPM_WORDS.get(known[0].bpm_source, known[0].bpm_source)})"
 
 
-def _duration_cell(entries: list[dict]) -> str:
+def _duration_cell(entries: list[SampleInfo]) -> str:
     first = entries[0]
-    total = _seconds(first["duration_total"])
+    total = _seconds(first.duration_total)
     if len(entries) > 1:
-        return f"{len(entries)} × {_seconds(first['duration_used'])} / {total}"
-    if first["duration_used"] < first["duration_total"] - 0.05:
-        return f"{_seconds(first['duration_used'])} / {total}"
-    return _seconds(first["duration_used"])
+        return f"{len(entries)} × {_seconds(first.duration_used)} / {total}"
+    if first.duration_used < first.duration_total - 0.05:
+        return f"{_seconds(first.duration_used)} / {total}"
+    return _seconds(first.duration_used)
 
 
-def format_table(samples_info: list[dict]) -> str:
+def format_table(samples_info: list[SampleInfo]) -> str:
     """The table of what will be trained on, from manifest ``samples_info`` (one row per input file; the segments
     of a long file share its row). Fits ~100 columns: a line of short facts per file, then its caption, lyrics
     and notes on indented lines."""
-    groups: list[list[dict]] = []
+    groups: list[list[SampleInfo]] = []
     for entry in samples_info:
-        if groups and groups[-1][0]["name"] == entry["name"] and entry["segment"] > 0:
+        if groups and groups[-1][0].name == entry.name and entry.segment > 0:
             groups[-1].append(entry)
         else:
             groups.append([entry])
     rows = []
     for number, entries in enumerate(groups, 1):
         first = entries[0]
-        name = os.path.basename(first["name"]) if os.path.sep in first["name"] else first["name"]
+        name = os.path.basename(first.name) if os.path.sep in first.name else first.name
         rows.append((str(number), _shorten_middle(name, 32), _duration_cell(entries), _bpm_cell(entries),
-                     first["keyscale"] or "-", first["language"], entries))
+                     first.keyscale or "-", first.language, entries))
     heads = ("#", "file", "used / total", "bpm", "key", "language")
     widths = [max(len(heads[c]), *(len(r[c]) for r in rows)) for c in range(6)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -618,15 +589,15 @@ def format_table(samples_info: list[dict]) -> str:
     for *cells, entries in rows:
         first = entries[0]
         out.append(line(cells))
-        source = _SOURCE_WORDS.get(first["caption_source"], f"(from {first['caption_source']})")
-        out.append(f"{pad}caption  \"{_shorten(first['caption'], 40)}\"  {source}")
-        if first["instrumental"]:
+        source = _SOURCE_WORDS.get(first.caption_source, f"(from {first.caption_source})")
+        out.append(f"{pad}caption  \"{_shorten(first.caption, 40)}\"  {source}")
+        if first.instrumental:
             lyrics = INSTRUMENTAL_LYRICS
         else:
-            lyrics = f"\"{_shorten(first['lyrics'], 40)}\""
-        source = _SOURCE_WORDS.get(first["lyrics_source"], f"(from {first['lyrics_source']})")
+            lyrics = f"\"{_shorten(first.lyrics, 40)}\""
+        source = _SOURCE_WORDS.get(first.lyrics_source, f"(from {first.lyrics_source})")
         out.append(f"{pad}lyrics   {lyrics}  {source}")
-        notes = [n for e in entries for n in e["notes"]]
+        notes = [n for e in entries for n in e.notes]
         notes = [n for i, n in enumerate(notes) if n not in notes[:i]]
         if notes:
             out.append(f"{pad}notes    " + "; ".join(notes))
@@ -654,7 +625,7 @@ class _Models:
         from .vae import load_vae
 
         self.settings, self.device, self.dtype = settings, device, dtype
-        self.vae = load_vae(settings.checkpoint_dir, device=device, dtype=dtype)
+        self.vae = load_vae(settings.checkpoint_dir, device=device, dtype=dtype, decoder=False)  # encodes only
         self.text = load_text_encoder(settings.checkpoint_dir, device=device, dtype=dtype)
         self.dit = load_dit(settings.checkpoint_dir, settings.config_path, device=device, dtype=dtype,
                             components=("encoder",))

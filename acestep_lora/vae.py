@@ -115,15 +115,16 @@ class Decoder(nn.Module):
 
 
 class Oobleck(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, decoder: bool = True):
         super().__init__()
         strides = list(cfg["downsampling_ratios"])
         multiples = list(cfg["channel_multiples"])
         hidden = int(cfg["encoder_hidden_size"])
         self.encoder = Encoder(int(cfg.get("encoder_channels", hidden)), hidden, int(cfg["audio_channels"]),
                                strides, multiples)
+        # Prepare only encodes: without the decoder (~half the VAE) it is neither built nor read from disk.
         self.decoder = Decoder(int(cfg["decoder_channels"]), int(cfg["decoder_input_channels"]),
-                               int(cfg["audio_channels"]), strides[::-1], multiples)
+                               int(cfg["audio_channels"]), strides[::-1], multiples) if decoder else None
 
 
 @dataclass
@@ -193,6 +194,8 @@ class AudioVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 64, T] -> audio [B, 2, T * hop] (float32)."""
+        if self.model.decoder is None:
+            raise RuntimeError("this VAE was loaded without its decoder (load_vae(..., decoder=False))")
         return self.model.decoder(latents.to(device=self.device, dtype=self.dtype)).float()
 
     @torch.no_grad()
@@ -232,26 +235,30 @@ def fold_weight_norm(state: dict) -> dict:
     return out
 
 
-def load_vae(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> AudioVAE:
-    """Load ``<checkpoint_dir>/vae`` (official diffusers layout) strictly."""
-    from safetensors.torch import load_file
+def load_vae(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float32,
+             decoder: bool = True) -> AudioVAE:
+    """Load ``<checkpoint_dir>/vae`` (official diffusers layout) strictly; ``decoder=False`` reads the encoder only."""
+    from safetensors import safe_open
 
     directory = require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")
     with open(require_file(os.path.join(directory, "config.json"), "VAE config"), encoding="utf-8") as f:
         cfg = json.load(f)
-    state = load_file(require_file(os.path.join(directory, WEIGHTS_FILE), "VAE weights"))
-    return build_vae(cfg, state, f"{directory}/{WEIGHTS_FILE}", "Re-download the vae folder.", device, dtype)
+    with safe_open(require_file(os.path.join(directory, WEIGHTS_FILE), "VAE weights"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if decoder or not k.startswith("decoder.")}
+    return build_vae(cfg, state, f"{directory}/{WEIGHTS_FILE}", "Re-download the vae folder.", device, dtype,
+                     decoder=decoder)
 
 
 def build_vae(cfg: dict, state: dict, where: str, hint: str, device="cpu",
-              dtype: torch.dtype = torch.float32) -> AudioVAE:
+              dtype: torch.dtype = torch.float32, decoder: bool = True) -> AudioVAE:
     """An ``AudioVAE`` from a state dict in the diffusers layout (weight norm as ``weight_g``/``weight_v``),
-    checked strictly against ``cfg``; errors name ``where`` (the file) and the keys."""
+    checked strictly against ``cfg``; errors name ``where`` (the file) and the keys. ``decoder=False``: the
+    encoder alone (``state`` must then hold no decoder keys)."""
     from .checkpoint import check_state_keys
 
     state = fold_weight_norm(state)
     with torch.device("meta"):
-        model = Oobleck(cfg)
+        model = Oobleck(cfg, decoder=decoder)
     check_state_keys(where, {k: tuple(v.shape) for k, v in model.state_dict().items()},
                      {k: tuple(v.shape) for k, v in state.items()}, hint)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)

@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 from acestep_lora.config import AceStepConfig  # noqa: E402
 from acestep_lora.fileio import atomic_write_json  # noqa: E402
+from acestep_lora.manifest import Manifest, SampleInfo  # noqa: E402
 from acestep_lora.model import AceStepModel  # noqa: E402
 from acestep_lora.testing import init_weights_, tiny_dit_config  # noqa: E402
 from acestep_lora.train import Trainer  # noqa: E402
@@ -52,7 +53,7 @@ def write_tensor_dir(path: str, batch: int, frames: int, tokens: int, width: int
     """``batch`` synthetic samples of identical shape (so batches carry no padding), as Prepare writes them."""
     os.makedirs(path, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    names = []
+    info = []
     for i in range(batch):
         data = {"target_latents": torch.randn(frames, 64, generator=g),
                 "attention_mask": torch.ones(frames),
@@ -62,25 +63,24 @@ def write_tensor_dir(path: str, batch: int, frames: int, tokens: int, width: int
                 "metadata": {"duration": frames / FRAMES_PER_SECOND, "frames": frames}}
         name = f"s{i}.pt"
         torch.save(data, os.path.join(path, name))
-        names.append(name)
-    atomic_write_json(os.path.join(path, "manifest.json"),
-                      {"samples": names, "num_samples": batch, "checkpoint": {"config_path": config_path}})
+        seconds = frames / FRAMES_PER_SECOND
+        info.append(SampleInfo(file=name, name=f"synthetic_{i}", cache_key=f"synthetic-{i}-{frames}-{tokens}",
+                               duration_used=seconds, duration_total=seconds, frames=frames, caption="synthetic"))
+    Manifest(info, checkpoint={"config_path": config_path}, dtype="float32").save(path)
     return path
 
 
-class RandomWeightTrainer(Trainer):
-    """The real Trainer with a randomly initialised model instead of one read from disk."""
-
-    def _load_model(self):
-        with torch.device(self.device):
-            model = AceStepModel(self.model_cfg, components=("decoder", "null_condition_emb")).to(self.dtype)
-        if self.device.type == "cpu":
-            init_weights_(model, seed=0)
-        else:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.normal_(0.0, 0.02)
-        return model.requires_grad_(False)
+def random_model(trainer: Trainer) -> AceStepModel:
+    """What the real Trainer trains (decoder + null condition), randomly initialised instead of read from disk."""
+    with torch.device(trainer.device):
+        model = AceStepModel(trainer.model_cfg, components=("decoder", "null_condition_emb")).to(trainer.dtype)
+    if trainer.device.type == "cpu":
+        init_weights_(model, seed=0)
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+    return model.requires_grad_(False)
 
 
 def training_tflops(cfg: AceStepConfig, batch: int, frames: int, tokens: int, rank: int, targets: list[str],
@@ -116,7 +116,7 @@ def training_tflops(cfg: AceStepConfig, batch: int, frames: int, tokens: int, ra
 
 def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames: int, tokens: int, rank: int, *,
                  checkpointing: str = "off", device: str = "auto", dtype=None,
-                 trainer_class=None) -> RandomWeightTrainer:
+                 trainer_class=None) -> Trainer:
     from acestep_lora.train import TrainConfig
 
     ckpt = os.path.join(workdir, "ckpt")
@@ -126,10 +126,10 @@ def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames: int, toke
     tc = TrainConfig(tensor_dir=tensors, checkpoint_dir=ckpt, output_dir=os.path.join(workdir, f"run_{time.time_ns()}"),
                      lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.1, batch_size=batch, train_epochs=10 ** 6,
                      save_every_n_epochs=0, gradient_checkpointing=checkpointing, device=device)
-    trainer = (trainer_class or RandomWeightTrainer)(tc)
+    trainer = (trainer_class or Trainer)(tc)
     if dtype is not None:  # e.g. bf16 autocast on a CPU, to mirror the CUDA code path
         trainer.dtype = dtype
-    trainer._build()
+    trainer.setup(model=random_model(trainer))
     os.makedirs(tc.output_dir, exist_ok=True)
     return trainer
 
@@ -138,10 +138,7 @@ def train_step(trainer: Trainer) -> None:
     """One optimizer step exactly as the engine runs it (sample noise/t, forward, backward, clip, AdamW)."""
     from acestep_lora.data import collate
 
-    batch = collate(trainer.data.samples)
-    loss = trainer._loss(batch)
-    loss.backward()
-    trainer._optimizer_step(loss.detach())
+    trainer.step(collate(trainer.data.samples))
 
 
 def full_config() -> AceStepConfig:

@@ -1,6 +1,9 @@
 """ComfyUI node wrappers. No ML logic here: parse inputs, call acestep_lora, report progress, return outputs."""
+from ..acestep_lora import console
 from . import prepare, samples, train
 from . import routes  # noqa: F401  live-chart HTTP routes; registers only inside a running ComfyUI
+
+console.install()  # the pack's log lines in ComfyUI's console, prefixed once, above the training bar
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

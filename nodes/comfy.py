@@ -84,12 +84,29 @@ def loras_directory() -> str:
 
 
 def check_interrupt() -> None:
-    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (Prepare checks per sample)."""
     try:
         import comfy.model_management as mm  # type: ignore
     except ImportError:
         return
     mm.throw_exception_if_processing_interrupted()
+
+
+def interrupt_requested() -> bool:
+    """Whether the user pressed Cancel; asks without clearing it (the trainer's cancel callback)."""
+    try:
+        import comfy.model_management as mm  # type: ignore
+    except ImportError:
+        return False
+    return bool(mm.processing_interrupted())
+
+
+def raise_interrupt() -> None:
+    """End the node as ComfyUI's Cancel does (clearing the flag): ComfyUI reports the prompt as interrupted."""
+    import comfy.model_management as mm  # type: ignore
+
+    mm.throw_exception_if_processing_interrupted()
+    raise mm.InterruptProcessingException()  # the flag was cleared meanwhile: still an interrupted prompt
 
 
 def free_memory() -> None:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 from ..acestep_lora import checkpoint as ckpt
 from ..acestep_lora import lists
 from ..acestep_lora.audio import from_comfy_audio
-from ..acestep_lora.console import CountBar, say
+from ..acestep_lora.console import CountBar
 from ..acestep_lora.device import DEVICE_CHOICES
 from ..acestep_lora.prepare import LONG_AUDIO_CHOICES, PrepareItem, PrepareSettings, prepare_dataset
 from . import comfy
@@ -154,7 +155,7 @@ class PrepareTrainingData:
                                      check_cancel=comfy.check_interrupt, input_notes=notes)
         finally:
             console.close()
-        say(result.status)
+        logging.getLogger("acestep_lora.nodes").info(result.status)
         return {"ui": {"text": [result.status]}, "result": (result.tensor_dir, result.status)}
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from ..acestep_lora.metrics import format_seconds
+
 WIDTH, HEIGHT, PAD = 512, 288, 36
 
 
@@ -15,21 +17,15 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _fmt_eta(seconds) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def loss_chart(history: list, info: dict):
-    """history: [[step, loss, lr], ...]; info: step/total_steps/epoch/total_epochs/eta. Returns a PIL image."""
+    """history: [[step, loss, lr], ...]; info: a ProgressEvent's message (step, total_steps, epoch, total_epochs,
+    eta). Returns a PIL image."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (WIDTH, HEIGHT), (24, 26, 32))
     draw = ImageDraw.Draw(img)
     title = (f"step {info.get('step', 0)}/{info.get('total_steps', 0)}  epoch {info.get('epoch', 0)}/"
-             f"{info.get('total_epochs', 0)}  ETA {_fmt_eta(info.get('eta'))}")
+             f"{info.get('total_epochs', 0)}  ETA {format_seconds(info.get('eta'))}")
     draw.text((PAD, 8), title, fill=(220, 220, 220))
     left, top, right, bottom = PAD, PAD, WIDTH - 12, HEIGHT - 24
     draw.rectangle([left, top, right, bottom], outline=(80, 84, 96))

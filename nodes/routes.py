@@ -7,24 +7,30 @@ page opened or reloaded mid-training asks for the whole curve here:
 * ``GET /acestep_lora/training/{node_id}[?since=<step>]`` -> ``summary + {"points": [[step, loss, lr], ...]}``
   (only points after ``since`` when given); 404 ``{"error": ..., "node": ...}`` when that node never trained.
 
-summary = ``{"node", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed", "eta", "started",
-"done", "num_points"}``; ``loss``/``lr`` are the last point's; a value that is not a finite number is ``null``
-(JSON has no NaN, and the browser's JSON.parse rejects it). ComfyUI serves each route also under ``/api``, which
-is what the frontend's ``api.fetchApi`` uses.
+summary = the fields of the websocket message (``acestep_lora.metrics.ProgressEvent``: step, total_steps, epoch,
+total_epochs, elapsed, eta, loss, lr) but ``points``, plus ``node``, ``output_dir``, ``started``, ``done`` and
+``num_points``; ``loss``/``lr`` are the last point's; a value that is not a finite number is ``null`` (JSON has no
+NaN, and the browser's JSON.parse rejects it). tests/js/fixtures/training_messages.json holds an example of each
+answer and of the websocket message, made from these definitions (tests/test_routes.py keeps it so). ComfyUI
+serves each route also under ``/api``, which is what the frontend's ``api.fetchApi`` uses.
 
 Registered at import when ComfyUI's ``server.PromptServer.instance.routes`` exists; otherwise (tests, scripts, the
 headless stand-in whose ``routes`` is None) importing this module does nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Optional
 
+from ..acestep_lora.metrics import ProgressEvent
 from .train import RUNS
 
 BASE = "/acestep_lora/training"
-SUMMARY_KEYS = ("step", "total_steps", "epoch", "total_epochs", "elapsed", "eta", "started", "done")
+# The run's last event (loss and lr come from its last point), and when the run started / whether it ended.
+SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(ProgressEvent)
+                     if f.name not in ("points", "loss", "lr")) + ("started", "done")
 
 log = logging.getLogger(__name__)
 _registered = False

@@ -1,18 +1,21 @@
 """ACE-Step LoRA Train: prepared tensors -> a LoRA (PEFT folder for kaola / the official app, one ComfyUI file)."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
-from ..acestep_lora.console import TrainingBar, say
+from ..acestep_lora.console import TrainingBar
 from ..acestep_lora.device import DEVICE_CHOICES
-from ..acestep_lora.train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainConfig, train_lora
+from ..acestep_lora.metrics import ProgressEvent
+from ..acestep_lora.train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainConfig, TrainingCancelled, train_lora
 from . import comfy
 from .prepare import PrepareTrainingData, config_choices
 from .preview import loss_chart
 
-EVENT = "acestep_lora.training"
+EVENT = "acestep_lora.training"  # its message: ProgressEvent.message(node=..., output_dir=...)
 PREVIEW_EVERY_SECONDS = 2.0
+log = logging.getLogger("acestep_lora.nodes")
 
 # Loss history per node id, so a reloaded browser page can ask for the whole curve again (see nodes/routes.py).
 RUNS: dict = {}
@@ -30,21 +33,19 @@ class LiveProgress:
         # output_dir as typed on the node: the chart shows a run only on the node that started it
         self.run.update(points=[], started=time.time(), done=False, output_dir=output_dir)
 
-    def update(self, info: dict) -> None:
+    def update(self, event: ProgressEvent) -> None:
         if self.bar is None:
-            self.bar = comfy.Progress(info["total_steps"], node_id=self.node_id)
-        self.console.update(info)
+            self.bar = comfy.Progress(event.total_steps, node_id=self.node_id)
+        self.console.update(event)
         preview = None
-        if info["new_points"]:
-            self.run["points"].extend(info["new_points"])
-            self.run.update({k: info[k] for k in ("step", "total_steps", "epoch", "total_epochs", "eta", "elapsed")})
-            comfy.send_event(EVENT, {"node": self.node_id, "output_dir": self.output_dir, "points": info["new_points"],
-                                     **{k: info.get(k) for k in ("step", "total_steps", "epoch", "total_epochs", "loss",
-                                                                 "lr", "elapsed", "eta")}})
-            if time.time() - self.last_preview >= PREVIEW_EVERY_SECONDS or info["step"] == info["total_steps"]:
-                preview = loss_chart(info["history"], info)
+        if event.points:
+            self.run["points"].extend(event.points)
+            self.run.update({k: v for k, v in vars(event).items() if k != "points"})  # what routes.py summarises
+            comfy.send_event(EVENT, event.message(node=self.node_id, output_dir=self.output_dir))
+            if time.time() - self.last_preview >= PREVIEW_EVERY_SECONDS or event.step == event.total_steps:
+                preview = loss_chart(self.run["points"], event.message())
                 self.last_preview = time.time()
-        self.bar.set(info["step"], preview)
+        self.bar.set(event.step, preview)
 
     def close(self) -> None:
         self.run["done"] = True
@@ -145,30 +146,34 @@ class TrainLoRA:
             target_modules=target_modules, timestep_sampling=timestep_sampling, cfg_dropout=cfg_dropout,
             gradient_checkpointing=gradient_checkpointing, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
             trigger_tag=trigger_tag, loras_dir=comfy.loras_directory(), device=device)
-        comfy.free_memory()
-        live = LiveProgress(str(unique_id), output_dir)
-        try:
-            result = train_lora(cfg, progress=live.update, check_cancel=comfy.check_interrupt)
-        except BaseException as error:  # Cancel: say where the run can be continued from
-            live.close()
-            resumable = getattr(error, "resumable", None)
-            if resumable is not None:
-                say(resumable.message("queue it again with resume_from = latest to continue"))
-            raise
-        finally:
-            live.close()
-        loras_dir = comfy.loras_directory()
-        lora_info = {
-            "path": result.adapter_dir, "scale": 1.0, "comfy_lora_path": result.comfy_lora_path,
-            "comfy_lora_name": os.path.relpath(result.comfy_lora_path, loras_dir)
-            if result.comfy_lora_path.startswith(loras_dir) else os.path.basename(result.comfy_lora_path),
-            "rank": lora_rank, "alpha": lora_alpha, "config_path": config_path, "target_modules": target_modules,
-            "trigger_tag": result.trigger_tag, "epochs": result.epochs, "steps": result.steps,
-            "final_loss": result.final_loss, "output_dir": result.output_dir,
-            "epoch_loras": [os.path.relpath(p, loras_dir) if p.startswith(loras_dir) else p
-                            for p in result.epoch_loras],
-        }
-        return {"ui": {"text": [result.summary]}, "result": (lora_info, result.log)}
+        return run_training(cfg, unique_id, output_dir)
+
+
+def run_training(cfg: TrainConfig, unique_id, output_dir_as_typed: str) -> dict:
+    """Train with ComfyUI's progress bar, live chart, console bar and Cancel; -> the node's ui and result.
+    ``output_dir_as_typed``: the chart shows a run only on the node (of the workflow) that started it."""
+    comfy.free_memory()  # ComfyUI's cached models out of the way
+    live = LiveProgress(str(unique_id), output_dir_as_typed)
+    try:
+        result = train_lora(cfg, progress=live.update, cancel_requested=comfy.interrupt_requested)
+    except TrainingCancelled as stop:
+        live.close()  # the console bar first, so the message is the last line
+        log.info(stop.resumable.message("queue it again with resume_from = latest to continue"))
+        comfy.raise_interrupt()  # ComfyUI reports the prompt as interrupted
+    finally:
+        live.close()
+    loras_dir = comfy.loras_directory()
+    alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
+    lora_info = {
+        "path": result.adapter_dir, "scale": 1.0, "comfy_lora_path": result.comfy_lora_path,
+        "comfy_lora_name": os.path.relpath(result.comfy_lora_path, loras_dir)
+        if result.comfy_lora_path.startswith(loras_dir) else os.path.basename(result.comfy_lora_path),
+        "rank": cfg.lora_rank, "alpha": alpha, "config_path": cfg.config_path,
+        "target_modules": cfg.target_modules, "trigger_tag": result.trigger_tag, "epochs": result.epochs,
+        "steps": result.steps, "final_loss": result.final_loss, "output_dir": result.output_dir,
+        "epoch_loras": [os.path.relpath(p, loras_dir) if p.startswith(loras_dir) else p for p in result.epoch_loras],
+    }
+    return {"ui": {"text": [result.summary]}, "result": (lora_info, result.log)}
 
 
 NODE_CLASS_MAPPINGS = {"ACEStepLoRA_Train": TrainLoRA}

@@ -74,3 +74,15 @@ def comfy(tmp_path, monkeypatch):
     state.progress = headless.ProgressBar.instances
     state.InterruptProcessingException = headless.InterruptProcessingException
     return state
+
+
+@pytest.fixture()
+def pack_log(caplog):
+    """The records the pack logs (``acestep_lora`` and below), whether or not console.install() has run."""
+    import logging
+
+    logger = logging.getLogger("acestep_lora")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="acestep_lora")
+    yield caplog
+    logger.removeHandler(caplog.handler)

@@ -25,7 +25,7 @@ def make(tiny_ckpt, tensors, tmp_path, **kw):
                lora_dropout=0.0, device="cuda", log_every=1000)
     cfg.update(kw)
     trainer = Trainer(TrainConfig(**cfg))
-    trainer._build()
+    trainer.setup()
     return trainer
 
 
@@ -41,19 +41,15 @@ def test_no_host_sync_inside_training_steps(tiny_ckpt, cuda_tensors, tmp_path):
     trainer = make(tiny_ckpt, cuda_tensors, tmp_path)
     batch = collate([trainer.data.samples[0]])
     for _ in range(2):  # warm-up (lazy optimizer state, cuBLAS handles)
-        loss = trainer._loss(batch)
-        loss.backward()
-        trainer._optimizer_step(loss.detach())
+        trainer.step(batch)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            loss = trainer._loss(batch)
-            loss.backward()
-            trainer._optimizer_step(loss.detach())
+            trainer.step(batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(trainer.pending_steps) == 5  # read back only at the next flush
+    assert len(trainer.metrics.pending_steps) == 5  # read back only at the next flush
 
 
 def test_bf16_step_matches_fp32_reference(tiny_ckpt, cuda_tensors, tmp_path):
@@ -64,7 +60,7 @@ def test_bf16_step_matches_fp32_reference(tiny_ckpt, cuda_tensors, tmp_path):
             layer.lora_B.normal_(0, 0.05)
     batch = collate([trainer.data.samples[0]])
     state = trainer.noise_gen.get_state()
-    loss = trainer._loss(batch)
+    loss = trainer.loss(batch)
     loss.backward()
 
     reference = load_dit(tiny_ckpt, device="cuda").decoder
@@ -74,7 +70,7 @@ def test_bf16_step_matches_fp32_reference(tiny_ckpt, cuda_tensors, tmp_path):
     g.set_state(state)
     x0 = batch.target_latents.float()
     noise = torch.randn(x0.shape, generator=g, device="cuda", dtype=torch.bfloat16).float()
-    t = trainer.turbo_table[torch.randint(0, 8, (1,), generator=g, device="cuda")].float()
+    t = trainer.objective.turbo_table[torch.randint(0, 8, (1,), generator=g, device="cuda")].float()
     xt = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
     pred = reference(hidden_states=xt, timestep=t, timestep_r=t, encoder_hidden_states=batch.encoder_hidden_states
                      .float(), context_latents=batch.context_latents.float())[0]

@@ -68,13 +68,13 @@ def test_training_step_matches_fp32_peft_reference(tiny_ckpt, tmp_path):
     prepare_dataset([item("a", 1.0)], tensors, PrepareSettings(tiny_ckpt, device="cpu"))
     trainer = Trainer(TrainConfig(tensor_dir=tensors, checkpoint_dir=tiny_ckpt, output_dir=str(tmp_path / "o"),
                                   lora_rank=4, lora_alpha=8, lora_dropout=0.0, device="cpu"))
-    trainer._build()
+    trainer.setup()
     with torch.no_grad():
         for layer in trainer.lora_layers.values():
             layer.lora_B.normal_(0, 0.05)  # a non-trivial adapter
     batch = collate([trainer.data.samples[0]])
     gen_state = trainer.noise_gen.get_state()
-    loss = trainer._loss(batch)
+    loss = trainer.loss(batch)
     loss.backward()
 
     # Reference: the official recipe written plainly, with PEFT, in fp32.
@@ -82,7 +82,7 @@ def test_training_step_matches_fp32_peft_reference(tiny_ckpt, tmp_path):
     g.set_state(gen_state)
     x0 = batch.target_latents
     noise = torch.randn(x0.shape, generator=g)
-    t = torch.tensor([0.0]) + trainer.turbo_table[torch.randint(0, 8, (1,), generator=g)]
+    t = torch.tensor([0.0]) + trainer.objective.turbo_table[torch.randint(0, 8, (1,), generator=g)]
     xt = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
     reference = get_peft_model(load_dit(tiny_ckpt).decoder, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                        target_modules=trainer.targets))

@@ -146,11 +146,15 @@ def prepared(comfy, tiny_ckpt, tmp_path):
     return call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b", custom_tag="mytag")["result"][0]
 
 
-def test_train_node_end_to_end(comfy, tiny_ckpt, prepared):
+def test_train_node_end_to_end(comfy, tiny_ckpt, prepared, capsys):
     train = node_module(comfy, "train").TrainLoRA()
     unloaded_before = comfy.unloaded
+    capsys.readouterr()
     with torch.inference_mode():  # ComfyUI executes every node under inference mode
         out = train.train(**train_args(prepared, tiny_ckpt))
+    console = capsys.readouterr().out  # ComfyUI's console: the trainer's lines, once, prefixed once
+    assert console.count("[ACE-Step LoRA] training on 2 samples: 3 epochs") == 1
+    assert console.count("[ACE-Step LoRA] done: 3 epochs, 6 steps") == 1
     lora_info, log = out["result"]
     assert lora_info["scale"] == 1.0 and os.path.isfile(os.path.join(lora_info["path"], "adapter_config.json"))
     assert lora_info["path"] == os.path.join(comfy.output, "runs", "mylora", "final", "adapter")
@@ -179,20 +183,21 @@ def test_train_node_cancel_then_resume_latest(comfy, tiny_ckpt, prepared):
     train = node_module(comfy, "train").TrainLoRA()
     module = node_module(comfy, "train")
     calls = [0]
-    original = module.comfy.check_interrupt
+    original = module.comfy.interrupt_requested
 
     def press_cancel_at_third_batch():
         calls[0] += 1
         if calls[0] == 3:
             comfy.interrupt()
-        original()
+        return original()
 
-    module.comfy.check_interrupt = press_cancel_at_third_batch
+    module.comfy.interrupt_requested = press_cancel_at_third_batch
     try:
         with pytest.raises(comfy.InterruptProcessingException), torch.inference_mode():
             train.train(**train_args(prepared, tiny_ckpt))
     finally:
-        module.comfy.check_interrupt = original
+        module.comfy.interrupt_requested = original
+    assert comfy.interrupted is False  # ComfyUI's flag is cleared, as its own Cancel clears it
     run = os.path.join(comfy.output, "runs", "mylora")
     assert any(d.startswith("cancelled_epoch_2") for d in os.listdir(os.path.join(run, "checkpoints")))
     out = train.train(**train_args(prepared, tiny_ckpt, resume_from="latest"))
@@ -201,21 +206,21 @@ def test_train_node_cancel_then_resume_latest(comfy, tiny_ckpt, prepared):
 
 def test_cancel_says_where_to_continue_once(comfy, tiny_ckpt, prepared, capsys):
     module = node_module(comfy, "train")
-    original = module.comfy.check_interrupt
+    original = module.comfy.interrupt_requested
     calls = [0]
 
     def press_cancel_at_fourth_batch():
         calls[0] += 1
         if calls[0] == 4:
             comfy.interrupt()
-        original()
+        return original()
 
-    module.comfy.check_interrupt = press_cancel_at_fourth_batch
+    module.comfy.interrupt_requested = press_cancel_at_fourth_batch
     try:
         with pytest.raises(comfy.InterruptProcessingException), torch.inference_mode():
             module.TrainLoRA().train(**train_args(prepared, tiny_ckpt))
     finally:
-        module.comfy.check_interrupt = original
+        module.comfy.interrupt_requested = original
     out = capsys.readouterr().out
     folder = os.path.join(comfy.output, "runs", "mylora", "checkpoints", "cancelled_epoch_2_step_3")
     assert [line for line in out.splitlines() if "stopped" in line] == [

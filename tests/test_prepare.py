@@ -13,7 +13,8 @@ import torch
 
 from acestep_lora import load_dit, load_silence_latent, load_text_encoder
 from acestep_lora import prepare as prep
-from acestep_lora.prepare import PrepareItem, PrepareSettings, load_manifest, prepare_dataset
+from acestep_lora.manifest import Manifest
+from acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
 from acestep_lora.prompts import caption_prompt, lyrics_prompt
 
 
@@ -62,9 +63,9 @@ def test_pt_format_and_conditioning(tiny_ckpt, settings, tmp_path):
     assert torch.allclose(data["encoder_hidden_states"], states[0], atol=1e-6)
     assert data["encoder_hidden_states"].shape[0] == cap.shape[1] + lyr.shape[1] + 1  # caption + lyrics + timbre
 
-    manifest = load_manifest(out)
-    assert manifest["samples"] == result.files and manifest["num_samples"] == 1
-    assert manifest["checkpoint"]["config_path"] == "acestep-v15-turbo" and manifest["checkpoint"]["variant"] == "turbo"
+    manifest = Manifest.load(out)
+    assert manifest.samples == result.files and len(manifest.samples_info) == 1
+    assert manifest.config_path == "acestep-v15-turbo" and manifest.checkpoint["variant"] == "turbo"
 
 
 def test_cache_encodes_only_new_or_changed(settings, tmp_path, monkeypatch):
@@ -83,7 +84,7 @@ def test_cache_encodes_only_new_or_changed(settings, tmp_path, monkeypatch):
     calls.clear()
     changed = prepare_dataset([item("a", caption="a new caption"), item("b"), item("c")], out, settings)
     assert changed.encoded == 1 and calls == ["a"]
-    assert load_manifest(out)["num_samples"] == 3
+    assert len(Manifest.load(out).samples_info) == 3
 
 
 def test_cached_tensor_that_is_damaged_is_reencoded(settings, tmp_path):
@@ -111,8 +112,8 @@ def test_max_duration_crops_and_resampling(settings, tmp_path):
     assert data["target_latents"].shape[0] == 50  # 2 s at 25 frames/s
     assert data["metadata"]["duration"] == 2.0 and "- duration: 2 seconds" in data["metadata"]["text_prompt"]
     info = result.samples_info[0]
-    assert (info["duration_used"], info["duration_total"], info["segments"]) == (2.0, 5.0, 1)
-    assert "cropped 5 s → 2 s (long_audio = crop)" in info["notes"]
+    assert (info.duration_used, info.duration_total, info.segments) == (2.0, 5.0, 1)
+    assert "cropped 5 s → 2 s (long_audio = crop)" in info.notes
     assert "cropped 5 s → 2 s" in _row(result.table, "m") and "2 s / 5 s" in _row(result.table, "m")
     assert any("cropped to the first 2 s" in w and "m (5 s)" in w for w in result.warnings)
 
@@ -251,19 +252,19 @@ def test_segments_split_a_long_clip_into_equal_samples(settings, tmp_path):
     path = write(tmp_path / "long song.wav", tone(2.5, rate=44100), 44100)
     result = prepare_dataset([PrepareItem(name=path, path=path, caption="dark synthwave, arpeggios", bpm=100,
                                           keyscale="Am", language="instrumental")], str(tmp_path / "t"), settings)
-    manifest = load_manifest(result.tensor_dir)
-    assert result.encoded == 3 and manifest["num_samples"] == 3 and len(manifest["samples"]) == 3
-    infos = manifest["samples_info"]
-    assert [i["segment"] for i in infos] == [0, 1, 2] and all(i["segments"] == 3 for i in infos)
-    assert [i["offset"] for i in infos] == [0.0, pytest.approx(0.833, abs=1e-3), pytest.approx(1.667, abs=1e-3)]
-    assert len({i["cache_key"] for i in infos}) == 3 and [i["file"] for i in infos] == manifest["samples"]
-    for info, name in zip(infos, manifest["samples"]):
+    manifest = Manifest.load(result.tensor_dir)
+    assert result.encoded == 3 and len(manifest.samples) == 3
+    infos = manifest.samples_info
+    assert [i.segment for i in infos] == [0, 1, 2] and all(i.segments == 3 for i in infos)
+    assert [i.offset for i in infos] == [0.0, pytest.approx(0.833, abs=1e-3), pytest.approx(1.667, abs=1e-3)]
+    assert len({i.cache_key for i in infos}) == 3 and [i.file for i in infos] == manifest.samples
+    for info, name in zip(infos, manifest.samples):
         meta = torch.load(os.path.join(result.tensor_dir, name), weights_only=True)["metadata"]
-        assert meta["caption"] == info["caption"] == "dark synthwave, arpeggios"
+        assert meta["caption"] == info.caption == "dark synthwave, arpeggios"
         assert (meta["bpm"], meta["keyscale"]) == (100, "A minor")
-        assert meta["duration"] == info["duration_used"] == pytest.approx(2.5 / 3, abs=1e-3)
+        assert meta["duration"] == info.duration_used == pytest.approx(2.5 / 3, abs=1e-3)
         assert "- duration: 0 seconds" in meta["text_prompt"]  # the piece's length, as int() writes it
-        assert info["duration_total"] == 2.5 and "split into 3 × 0.8 s (long_audio = segments)" in info["notes"]
+        assert info.duration_total == 2.5 and "split into 3 × 0.8 s (long_audio = segments)" in info.notes
     row = _row(result.table, "long song.wav")
     assert "3 × 0.8 s / 2.5 s" in row and "100 (typed)" in row and "A minor" in row
     assert any("split into equal segments" in w and "long song.wav (2.5 s → 3 × 0.8 s)" in w
@@ -312,8 +313,8 @@ def test_silent_file_refused_by_name_and_earlier_samples_stay_cached(settings, t
 def test_very_short_clip_is_accepted_with_a_note(settings, tmp_path):
     result = prepare_dataset([item("tiny", 0.5), item("ten", prep.VERY_SHORT_SECONDS)], str(tmp_path / "t"),
                              settings)
-    assert "very short (0.5 s)" in result.samples_info[0]["notes"] and "very short" in _row(result.table, "tiny")
-    assert not any("very short" in n for n in result.samples_info[1]["notes"])
+    assert "very short (0.5 s)" in result.samples_info[0].notes and "very short" in _row(result.table, "tiny")
+    assert not any("very short" in n for n in result.samples_info[1].notes)
     assert any("1 clip shorter than 10 s" in w and "tiny (0.5 s)" in w for w in result.warnings)
 
 
@@ -326,12 +327,12 @@ def test_detected_tempo_is_shown_stored_and_used_in_the_prompt(settings, tmp_pat
     out = str(tmp_path / "t")
     result = prepare_dataset([groove, short], out, settings)
     infos = result.samples_info
-    assert infos[0]["bpm_source"] == "detected" and abs(infos[0]["bpm"] - 120) <= 2
-    assert (infos[1]["bpm"], infos[1]["bpm_source"]) == (None, "unknown")
+    assert infos[0].bpm_source == "detected" and abs(infos[0].bpm - 120) <= 2
+    assert (infos[1].bpm, infos[1].bpm_source) == (None, "unknown")
     metas = [torch.load(os.path.join(out, f), weights_only=True)["metadata"] for f in result.files]
-    assert f"- bpm: {infos[0]['bpm']}\n" in metas[0]["text_prompt"] and metas[0]["bpm"] == infos[0]["bpm"]
+    assert f"- bpm: {infos[0].bpm}\n" in metas[0]["text_prompt"] and metas[0]["bpm"] == infos[0].bpm
     assert "- bpm: N/A\n" in metas[1]["text_prompt"]
-    assert f"{infos[0]['bpm']} (detected)" in _row(result.table, "groove") and "unknown" in _row(result.table, "short")
+    assert f"{infos[0].bpm} (detected)" in _row(result.table, "groove") and "unknown" in _row(result.table, "short")
 
     # Cached: the detected tempo comes from the tensor file, nothing is decoded or detected again.
     monkeypatch.setattr("acestep_lora.bpm.detect_bpm", lambda w, r: pytest.fail("detected again"))
@@ -341,7 +342,7 @@ def test_detected_tempo_is_shown_stored_and_used_in_the_prompt(settings, tmp_pat
     # detect_bpm off: a different training prompt, so a different sample; unknown stays unknown.
     settings.detect_bpm = False
     off = prepare_dataset([groove], str(tmp_path / "off"), settings)
-    assert off.samples_info[0]["bpm"] is None and off.samples_info[0]["cache_key"] != infos[0]["cache_key"]
+    assert off.samples_info[0].bpm is None and off.samples_info[0].cache_key != infos[0].cache_key
 
 
 def test_tempo_detector_gets_the_decoded_window_and_its_failure_means_unknown(settings, tmp_path, monkeypatch):
@@ -355,7 +356,7 @@ def test_tempo_detector_gets_the_decoded_window_and_its_failure_means_unknown(se
     path = write(tmp_path / "drone.wav", tone(1.5, rate=32000), 32000)
     result = prepare_dataset([PrepareItem(name=path, path=path, caption="drone")], str(tmp_path / "t"), settings)
     assert calls == [((2, 48000), 32000)]  # the audio as decoded, at its own rate
-    assert (result.samples_info[0]["bpm"], result.samples_info[0]["bpm_source"]) == (None, "unknown")
+    assert (result.samples_info[0].bpm, result.samples_info[0].bpm_source) == (None, "unknown")
 
 
 def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):
@@ -379,44 +380,44 @@ def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):
 
     found = collect_samples(str(songs))
     result = prepare_dataset(prep.items_from_samples(found), str(tmp_path / "t"), settings)
-    by_name = {os.path.basename(i["name"]): i for i in result.samples_info}
+    by_name = {os.path.basename(i.name): i for i in result.samples_info}
 
     track = by_name["01 - Track 1.wav"]
-    assert (track["caption"], track["caption_source"]) == ("01 - Track 1", "file name")
-    assert (track["lyrics"], track["lyrics_source"], track["instrumental"]) == (
+    assert (track.caption, track.caption_source) == ("01 - Track 1", "file name")
+    assert (track.lyrics, track.lyrics_source, track.instrumental) == (
         "[Instrumental]", "none → [Instrumental]", True)
-    assert "caption from file name" in track["notes"]
+    assert "caption from file name" in track.notes
     row = _row(result.table, "01 - Track 1.wav")
     assert '"01 - Track 1"  (from the file name)' in row and "[Instrumental]  (none given)" in row
     assert "caption from file name" in row and "1 s" in row.splitlines()[0]
 
     tags = by_name["tags.wav"]
-    assert (tags["lyrics"], tags["lyrics_source"]) == ("lofi, vinyl crackle, mellow piano", "tags.txt")
+    assert (tags.lyrics, tags.lyrics_source) == ("lofi, vinyl crackle, mellow piano", "tags.txt")
     note = "tags.txt is read as LYRICS (official convention); if it is a caption, rename it tags_caption.txt"
-    assert note in tags["notes"] and note in result.warnings and note in _row(result.table, "tags.wav")
+    assert note in tags.notes and note in result.warnings and note in _row(result.table, "tags.wav")
     assert '"lofi, vinyl crackle, mellow piano"  (from tags.txt)' in _row(result.table, "tags.wav")
 
     ballad = by_name["ballad.wav"]
-    assert (ballad["caption_source"], ballad["lyrics_source"]) == ("ballad_caption.txt", "ballad_lyrics.txt")
-    assert (ballad["bpm"], ballad["bpm_source"], ballad["keyscale"], ballad["language"]) == (72, "typed", "F# minor",
+    assert (ballad.caption_source, ballad.lyrics_source) == ("ballad_caption.txt", "ballad_lyrics.txt")
+    assert (ballad.bpm, ballad.bpm_source, ballad.keyscale, ballad.language) == (72, "typed", "F# minor",
                                                                                               "en")
-    assert ballad["notes"] == ["very short (1.4 s)"] and not ballad["instrumental"]
+    assert ballad.notes == ["very short (1.4 s)"] and not ballad.instrumental
     row = _row(result.table, "ballad.wav")
     assert '"slow piano ballad, soft female vocals,…"  (from ballad_caption.txt)' in row  # 40 characters
     assert '"[Verse] / Under the quiet lamp / [Choru…"  (from ballad_lyrics.txt)' in row
     assert "72 (typed)" in row and "F# minor" in row and " en" in row.splitlines()[0]
 
     made_info = by_name[os.path.basename(made["audio_path"])]
-    assert made_info["caption_source"] == os.path.basename(made["sidecar_path"])
-    assert (made_info["bpm"], made_info["bpm_source"]) == (made["bpm"], "detected (Create)")
+    assert made_info.caption_source == os.path.basename(made["sidecar_path"])
+    assert (made_info.bpm, made_info.bpm_source) == (made["bpm"], "detected (Create)")
     assert f"{made['bpm']} (detected by Create)" in _row(result.table, os.path.basename(made["audio_path"]))
 
     assert ("2 files have no caption and will train on their file names as caption: 01 - Track 1.wav, tags.wav. "
             "Write the caption into <name>_caption.txt") in result.warnings[0]
     assert result.status.startswith(result.header) and result.status.endswith(result.table)
     assert result.status.index("Check before training:") < result.status.index(result.table)
-    manifest = load_manifest(result.tensor_dir)
-    assert manifest["samples_info"] == result.samples_info and manifest["warnings"] == result.warnings
+    manifest = Manifest.load(result.tensor_dir)
+    assert manifest.samples_info == result.samples_info and manifest.warnings == result.warnings
 
     # The same files typed without sources (the node path): Prepare credits the sidecars itself.
     typed = [PrepareItem(name=s.audio_path, path=s.audio_path, caption=s.caption, lyrics=s.lyrics, bpm=s.bpm,
@@ -426,7 +427,7 @@ def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):
     # ... and a caption typed over the sidecar's is credited to the typing.
     typed[0].caption = "my own words"
     changed = prepare_dataset(typed, str(tmp_path / "t"), settings)
-    assert changed.samples_info[0]["caption_source"] == "typed" and changed.samples_info[0]["notes"] == [
+    assert changed.samples_info[0].caption_source == "typed" and changed.samples_info[0].notes == [
         "very short (1 s)"]
 
 
@@ -511,7 +512,7 @@ from acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
 path, ckpt, out = sys.argv[1:4]
 settings = PrepareSettings(ckpt, device="cpu", max_duration=30, long_audio="crop")
 result = prepare_dataset([PrepareItem(name=path, path=path, caption="square wave", bpm=120)], out, settings)
-assert result.encoded == 1 and result.samples_info[0]["duration_used"] == 30.0, result.status
+assert result.encoded == 1 and result.samples_info[0].duration_used == 30.0, result.status
 print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -1,12 +1,18 @@
 """nodes/routes.py: the HTTP side of the live training chart (GET /acestep_lora/training[/<node id>])."""
 import asyncio
 import json
+import os
 import sys
 import types
 
 import pytest
 
+from acestep_lora.metrics import ProgressEvent
+
 from test_nodes_pipeline import call_prepare, node_module, train_args, write_wav
+
+# What the JS tests (tests/js/*.test.mjs) feed the chart: made by the code below from ProgressEvent, never by hand.
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js", "fixtures", "training_messages.json")
 
 
 class FakeRoutes:
@@ -121,3 +127,28 @@ def test_history_matches_what_the_websocket_sent(comfy, tiny_ckpt, tmp_path, rou
         assert {"node", "points", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed",
                 "eta"} <= set(m)
 
+
+
+def test_the_js_fixture_is_made_from_the_event_definition(comfy, routes):
+    """The websocket message and both route answers for ProgressEvent.example(), produced by the node's
+    LiveProgress and nodes/routes.py, are what tests/js/fixtures/training_messages.json holds; the JS tests feed
+    that file to the chart, so a renamed or dropped event field fails there too."""
+    module, table = routes
+    live = node_module(comfy, "train").LiveProgress("7", "acestep_lora/runs/my_lora")
+    live.update(ProgressEvent.example())
+    live.close()
+    module.RUNS["7"].update(started=1700000000.25, done=False)  # fixed, so the file does not change per run
+    sent = [m[1] for m in comfy.server.messages if m[0] == "acestep_lora.training"][-1]
+    made = {"comment": "Written by tests/test_routes.py from acestep_lora.metrics.ProgressEvent.example(); "
+                       "ACESTEP_WRITE_FIXTURES=1 python -m pytest tests/test_routes.py -k js_fixture rewrites it.",
+            "event": sent, "runs": call(table.handlers["/acestep_lora/training"]).data,
+            "history": call(table.handlers["/acestep_lora/training/{node_id}"], "7").data}
+    made = json.loads(json.dumps(made, allow_nan=False))
+    assert set(made["event"]) == {f for f in vars(ProgressEvent.example())} | {"node", "output_dir"}
+    if os.environ.get("ACESTEP_WRITE_FIXTURES") == "1":
+        os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
+        with open(FIXTURE, "w", encoding="utf-8") as f:
+            json.dump(made, f, indent=2)
+            f.write("\n")
+    with open(FIXTURE, encoding="utf-8") as f:
+        assert json.load(f) == made, f"{FIXTURE} is out of date: {made['comment']}"

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from acestep_lora import load_dit
-from acestep_lora import train as train_mod
+from acestep_lora.data import collate
 from acestep_lora.lora_io import lora_pairs, merged_delta, read_comfy_lora
+from acestep_lora.optim import lr_factor, warmup_for
 from acestep_lora.prepare import PrepareSettings, prepare_dataset
-from acestep_lora.train import (TURBO_SHIFT3_TIMESTEPS, TrainConfig, Trainer, TrainingStopped, lr_factor,
-                                train_lora, warmup_for)
+from acestep_lora.run_state import RunState
+from acestep_lora.train import TrainConfig, Trainer, TrainingCancelled, TrainingStopped, train_lora
 
 from test_prepare import item
 
@@ -51,30 +52,25 @@ def test_official_lr_schedule():
     assert lr_factor(999, total, warm) == pytest.approx(0.01, abs=1e-4)
 
 
-def test_turbo_uses_official_discrete_timesteps_and_base_logit_normal(tiny_ckpt, tensors, tmp_path):
+def test_the_variant_chooses_the_timestep_sampling(tiny_ckpt, tensors, tmp_path):
     turbo = Trainer(config(tiny_ckpt, tensors, tmp_path / "a"))
-    turbo._build()
-    assert turbo.sampling == "turbo_discrete"
-    assert set(turbo._timesteps(400).tolist()) == set(torch.tensor(TURBO_SHIFT3_TIMESTEPS).tolist())
-
-    base = Trainer(config(tiny_ckpt, tensors, tmp_path / "b", timestep_sampling="logit_normal"))
-    base._build()
-    t = base._timesteps(20000)
-    assert 0 < t.min() and t.max() < 1
-    # max of two logit-normal(-0.4, 1) draws: the median is sigmoid(-0.4 + 0.545) ~ 0.536
-    assert t.median().item() == pytest.approx(0.536, abs=0.02)
+    turbo.setup()
+    assert turbo.sampling == turbo.objective.sampling == "turbo_discrete" and turbo.objective.cfg_dropout == 0
+    base = Trainer(config(tiny_ckpt, tensors, tmp_path / "b", timestep_sampling="logit_normal", cfg_dropout=0.3))
+    base.setup()
+    assert base.objective.sampling == "logit_normal" and base.objective.cfg_dropout == 0.3
+    assert (base.objective.mu, base.objective.sigma) == (-0.4, 1.0)  # from the tiny checkpoint's config.json
 
 
 def test_cfg_dropout_replaces_condition_with_null_embedding(tiny_ckpt, tensors, tmp_path, monkeypatch):
     trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, timestep_sampling="logit_normal", cfg_dropout=0.5))
-    trainer._build()
+    trainer.setup()
     seen = []
     original = trainer.net.forward
     monkeypatch.setattr(trainer.net, "forward", lambda **kw: seen.append(kw["encoder_hidden_states"]) or original(**kw))
-    from acestep_lora.data import collate
     for _ in range(40):
-        trainer._loss(collate([trainer.data.samples[0]]))
-    null = trainer.null_condition[0, 0]
+        trainer.loss(collate([trainer.data.samples[0]]))
+    null = trainer.objective.null_condition[0, 0]
     dropped = [bool((s[0] == null).all()) for s in seen]
     assert 8 < sum(dropped) < 32  # ~50 %
     original_rows = trainer.data.samples[0]["encoder_hidden_states"]
@@ -167,6 +163,19 @@ def test_checkpoints_and_log(tiny_ckpt, tensors, tmp_path):
     assert "epoch 4/4" in result.log and "PEFT adapter:" in result.log
 
 
+def test_epoch_hooks_see_each_epoch_logged_and_saved(tiny_ckpt, tensors, tmp_path):
+    """Where previews and a validation loss plug in, without touching the loop."""
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=2))
+    seen = []
+    trainer.epoch_hooks.append(lambda t, epoch: seen.append(
+        (epoch, [e["epoch"] for e in t.metrics.epoch_log], (tmp_path / "checkpoints" / f"epoch_{epoch}").is_dir())))
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    assert seen == [(1, [1], False), (2, [1, 2], True), (3, [1, 2, 3], False)]
+
+
 # -- resume ------------------------------------------------------------------------------------------------------
 
 def test_resume_reproduces_uninterrupted_run_exactly(tiny_ckpt, tensors, tmp_path):
@@ -182,17 +191,20 @@ def test_resume_reproduces_uninterrupted_run_exactly(tiny_ckpt, tensors, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_restores_lora_weights(tiny_ckpt, tensors, tmp_path, monkeypatch):
+def test_resume_restores_lora_weights(tiny_ckpt, tensors, tmp_path):
     """The official trainer's resume silently restarted the LoRA; ours must carry the trained weights over."""
     train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
+    fresh = Trainer(config(tiny_ckpt, tensors, tmp_path / "fresh", train_epochs=3))
+    fresh.setup()
+    assert all(bool((layer.lora_B == 0).all()) for layer in fresh.lora_layers.values())
     trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, resume_from="latest"))
-    trainer._build()
-    fresh_b = [layer.lora_B.detach().clone() for layer in trainer.lora_layers.values()]
-    assert all(bool((b == 0).all()) for b in fresh_b)
-    trainer._resume()
-    loaded_b = [layer.lora_B for layer in trainer.lora_layers.values()]
-    assert all(bool((b != 0).any()) for b in loaded_b)
+    trainer.setup()
     assert trainer.resume_dir.endswith("final")  # latest = the most optimizer steps
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "final" / "adapter" / "adapter_model.safetensors"))
+    for name, layer in trainer.lora_layers.items():
+        assert torch.equal(layer.lora_B, saved[f"base_model.model.{name}.lora_B.weight"])
+        assert bool((layer.lora_B != 0).any())
 
 
 def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_path):
@@ -202,12 +214,11 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(tiny_ckpt, tensors, tmp_
 
     def cancel_mid_epoch():
         calls[0] += 1
-        if calls[0] == 8:  # epoch 3, second micro-batch: inside an accumulation group
-            raise KeyboardInterrupt
+        return calls[0] == 8  # epoch 3, second micro-batch: inside an accumulation group
 
-    with pytest.raises(KeyboardInterrupt) as interrupt:
+    with pytest.raises(TrainingCancelled) as interrupt:
         train_lora(config(tiny_ckpt, tensors, tmp_path / "run", train_epochs=4, save_every_n_epochs=0,
-                          gradient_accumulation=2), check_cancel=cancel_mid_epoch)
+                          gradient_accumulation=2), cancel_requested=cancel_mid_epoch)
     saved = os.listdir(tmp_path / "run" / "checkpoints")
     assert len(saved) == 1 and saved[0].startswith("cancelled_epoch_3_step_4")
     # the caller (node, command line) learns where to continue from, to tell the user
@@ -235,7 +246,7 @@ def rewrite_samples(tensor_dir, remove=(), add=()):
     json.dump(manifest, open(path, "w"))
 
 
-def test_resume_after_the_dataset_changed_mid_epoch(tiny_ckpt, tensors, tmp_path, capsys):
+def test_resume_after_the_dataset_changed_mid_epoch(tiny_ckpt, tensors, tmp_path, pack_log):
     """Cancel mid-epoch, remove two songs and add one, Prepare again, resume latest (an IndexError once): the rest
     of the epoch keeps the samples that still exist, the step count and the schedule are recomputed, and the log
     says so."""
@@ -245,11 +256,10 @@ def test_resume_after_the_dataset_changed_mid_epoch(tiny_ckpt, tensors, tmp_path
 
     def cancel_in_epoch_2():
         calls[0] += 1
-        if calls[0] == 5:  # epoch 2, second batch: step 4 done
-            raise KeyboardInterrupt
+        return calls[0] == 5  # epoch 2, second batch: step 4 done
 
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(config(tiny_ckpt, data, tmp_path / "run", save_every_n_epochs=0), check_cancel=cancel_in_epoch_2)
+    with pytest.raises(TrainingCancelled):
+        train_lora(config(tiny_ckpt, data, tmp_path / "run", save_every_n_epochs=0), cancel_requested=cancel_in_epoch_2)
     (cancelled,) = (tmp_path / "run" / "checkpoints").iterdir()
     state = torch.load(cancelled / "training_state.pt", weights_only=True)
     assert (state["epoch"], state["global_step"], state["next_batch"]) == (2, 4, 1)
@@ -264,7 +274,7 @@ def test_resume_after_the_dataset_changed_mid_epoch(tiny_ckpt, tensors, tmp_path
     assert result.steps == total and [p[0] for p in result.history] == list(range(1, total + 1))
     note = (f"dataset changed since the checkpoint: 2 samples removed, 1 added; 3 -> 2 steps per epoch, {total} "
             "steps in all; schedule recomputed")
-    assert note in result.log and note in capsys.readouterr().out
+    assert note in result.log and note in pack_log.text
     lines = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
     assert [e.get("epoch") for e in lines if "loss" in e] == [1, 2, 3, 4]
     assert [e for e in lines if "note" in e] == [{"note": note, "epoch": 2, "step": 4}]
@@ -312,25 +322,71 @@ def test_new_run_refuses_to_overwrite(tiny_ckpt, tensors, tmp_path, monkeypatch)
     train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
     before = {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")}
     # decided from the small checkpoint.json, without loading the (optimizer-sized) training state
-    monkeypatch.setattr(train_mod, "_read_state", lambda d: pytest.fail("training state loaded"))
+    monkeypatch.setattr(RunState, "load", lambda d: pytest.fail("training state loaded"))
     with pytest.raises(FileExistsError, match="finished run with other settings.*train_epochs 2 -> 3.*resume_from"):
         train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=1))
     assert {p: os.path.getmtime(p) for p in (tmp_path / "final").rglob("*")} == before
 
 
 def test_unfinished_run_refuses_to_restart(tiny_ckpt, tensors, tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(config(tiny_ckpt, tensors, tmp_path), check_cancel=lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(TrainingCancelled):
+        train_lora(config(tiny_ckpt, tensors, tmp_path), cancel_requested=lambda: True)
     with pytest.raises(FileExistsError, match="unfinished training run.*'latest'"):
         train_lora(config(tiny_ckpt, tensors, tmp_path))
 
 
 def test_finished_run_with_same_settings_is_reused(tiny_ckpt, tensors, tmp_path, monkeypatch):
     first = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
-    monkeypatch.setattr(Trainer, "_build", lambda self: pytest.fail("retrained instead of reusing"))
+    monkeypatch.setattr(Trainer, "setup", lambda self: pytest.fail("retrained instead of reusing"))
     again = train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=2, save_every_n_epochs=1))
     assert again.adapter_dir == first.adapter_dir and again.comfy_lora_path == first.comfy_lora_path
     assert again.steps == first.steps and losses(again) == losses(first) and "already trained" in again.log
+
+
+def test_requeue_with_another_dtype_or_name_yields_the_file_it_names(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    """comfy_dtype and lora_name change only the exported file: a finished run is re-exported from its fp32
+    adapter, never retrained, and the result names a file that exists, in the dtype asked for."""
+    from safetensors.torch import load_file
+    loras = tmp_path / "loras"
+    settings = dict(loras_dir=str(loras), train_epochs=2, save_every_n_epochs=0)
+    first = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", **settings))
+    assert first.comfy_lora_path == str(loras / "run.safetensors")
+    adapter = lora_pairs(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
+    monkeypatch.setattr(Trainer, "setup", lambda self: pytest.fail("retrained instead of re-exporting"))
+
+    def check(result, path, dtype):
+        assert result.comfy_lora_path == str(path) and os.path.isfile(path)
+        weights, meta = read_comfy_lora(str(path))
+        assert {v.dtype for k, v in weights.items() if not k.endswith(".alpha")} == {dtype}
+        for module, ab in lora_pairs(weights).items():  # the trained adapter, cast once
+            assert torch.equal(ab["A"], adapter[module]["A"].to(dtype))
+            assert torch.equal(ab["B"], adapter[module]["B"].to(dtype))
+        assert meta["acestep_lora.run_id"] == first.run_id and meta["acestep_lora.alpha"] == "16"
+
+    check(first, loras / "run.safetensors", torch.bfloat16)
+    as_fp32 = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", comfy_dtype="float32", **settings))
+    check(as_fp32, loras / "run.safetensors", torch.float32)  # this run's file, replaced in the dtype asked for
+    renamed = train_lora(config(tiny_ckpt, tensors, tmp_path / "run", lora_name="my style", comfy_dtype="float16",
+                                trigger_tag="mystyle", **settings))
+    check(renamed, loras / "my_style.safetensors", torch.float16)
+    assert read_comfy_lora(str(loras / "my_style.safetensors"))[1]["acestep_lora.trigger_tag"] == "mystyle"
+    assert renamed.trigger_tag == "mystyle" and renamed.steps == first.steps and "already trained" in renamed.log
+    assert os.path.isfile(loras / "run.safetensors")  # the first name's file stays
+    # What changes training is refused instead (the folder is kept as it is)
+    with pytest.raises(FileExistsError, match="learning_rate 0.002 -> 0.001"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "run", learning_rate=1e-3, **settings))
+
+
+def test_resume_from_a_state_that_is_not_ours_names_it(tiny_ckpt, tensors, tmp_path):
+    train_lora(config(tiny_ckpt, tensors, tmp_path / "a", train_epochs=2, save_every_n_epochs=1))
+    folder = tmp_path / "a" / "checkpoints" / "epoch_1"
+    import collections
+    torch.save({"format": 1, "counts": collections.Counter(a=1)}, folder / "training_state.pt")  # not loadable safely
+    with pytest.raises(ValueError) as error:
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "b", resume_from=str(folder)))
+    assert str(error.value).startswith(f"resume_from '{folder}': {folder / 'training_state.pt'} is not a training "
+                                       "state this pack wrote, or it is damaged")
+    assert "It was not executed" in str(error.value) and "Weights only load failed" not in str(error.value)
 
 
 @pytest.mark.parametrize("change,pattern", [({"lora_rank": 16}, "lora_rank: checkpoint 8, now 16"),
@@ -350,7 +406,7 @@ def test_resume_latest_without_checkpoint(tiny_ckpt, tensors, tmp_path):
 # -- failures ----------------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_ckpt, tensors, tmp_path, monkeypatch):
-    original = Trainer._loss
+    original = Trainer.loss
     calls = [0]
 
     def poisoned(self, batch):
@@ -358,7 +414,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_ckpt, tensors, tmp_path, 
         loss = original(self, batch)
         return loss * float("nan") if calls[0] > 7 else loss
 
-    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    monkeypatch.setattr(Trainer, "loss", poisoned)
     with pytest.raises(TrainingStopped, match="loss became nan.*Lower learning_rate.*epoch_2"):
         train_lora(config(tiny_ckpt, tensors, tmp_path, train_epochs=4, save_every_n_epochs=2))
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_2"]
@@ -368,7 +424,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_ckpt, tensors, tmp_path, 
 
 
 def test_out_of_memory_saves_and_names_the_knobs(tiny_ckpt, tensors, tmp_path, monkeypatch):
-    original = Trainer._loss
+    original = Trainer.loss
     calls = [0]
 
     def oom(self, batch):
@@ -377,7 +433,7 @@ def test_out_of_memory_saves_and_names_the_knobs(tiny_ckpt, tensors, tmp_path, m
             raise torch.OutOfMemoryError("CUDA out of memory")
         return original(self, batch)
 
-    monkeypatch.setattr(Trainer, "_loss", oom)
+    monkeypatch.setattr(Trainer, "loss", oom)
     with pytest.raises(TrainingStopped, match="out of cpu memory.*gradient_checkpointing.*batch_size.*max_duration"):
         train_lora(config(tiny_ckpt, tensors, tmp_path))
     assert any(d.startswith("cancelled_") for d in os.listdir(tmp_path / "checkpoints"))
@@ -428,8 +484,10 @@ def test_padded_batch_equals_samples_alone(tiny_ckpt):
     cs = [torch.randn(n, 128, generator=g) for n in lengths]
     es = [torch.randn(m, 64, generator=g) for m in tokens]
     t = torch.tensor([0.7, 0.3])
-    pad = lambda seqs: torch.stack([torch.nn.functional.pad(s, (0, 0, 0, max(len(x) for x in seqs) - len(s)))
-                                    for s in seqs])
+
+    def pad(seqs):
+        return torch.stack([torch.nn.functional.pad(s, (0, 0, 0, max(len(x) for x in seqs) - len(s))) for s in seqs])
+
     frame_mask = torch.tensor([[1.0] * 21, [1.0] * 14 + [0.0] * 7])
     enc_mask = torch.tensor([[1.0] * 9, [1.0] * 5 + [0.0] * 4])
     with torch.no_grad():
@@ -453,13 +511,10 @@ def test_large_dataset_stays_on_host_and_trains(tiny_ckpt, tensors, tmp_path, mo
                         lambda self, device, dtype, max_device_bytes=0: original(self, torch.device("meta"), dtype,
                                                                                  max_device_bytes=0))
     trainer = Trainer(config(tiny_ckpt, tensors, tmp_path))
-    trainer._build()
+    trainer.setup()
     assert trainer.data.staged_on_device is False and trainer.data.samples[0]["target_latents"].device.type == "cpu"
-    from acestep_lora.data import collate
     batch = collate([trainer.data.samples[0]])
     assert batch.to(torch.device("cpu")).target_latents.device.type == "cpu"
-    loss = trainer._loss(batch)
+    loss = trainer.step(batch)
     assert torch.isfinite(loss)
-    loss.backward()
-    trainer._optimizer_step(loss.detach())
     assert all(bool(layer.lora_B.abs().sum() > 0) for layer in trainer.lora_layers.values())  # a step was taken

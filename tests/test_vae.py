@@ -72,3 +72,27 @@ def test_comfyui_format_vae_reproduces_the_official_golden_encode(official_ckpt,
     posterior = native.load_vae_file(path).encode(golden["vae_encode.audio"])
     assert rel(posterior.mean, golden["vae_encode.out.mean"]) < 1e-5
     assert rel(posterior.std, golden["vae_encode.out.std"]) < 1e-5
+
+
+def test_encoder_only_load_reads_and_builds_no_decoder(tiny_ckpt, monkeypatch):
+    full = load_vae(tiny_ckpt)
+    audio = 0.3 * torch.randn(1, 2, 48000, generator=torch.Generator().manual_seed(3))
+    from acestep_lora import vae as vae_module
+    monkeypatch.setattr(vae_module.Decoder, "__init__", lambda *a, **k: pytest.fail("the decoder was built"))
+    encoder_only = vae_module.load_vae(tiny_ckpt, decoder=False)
+    assert encoder_only.model.decoder is None and not any(k.startswith("decoder.") for k in
+                                                            encoder_only.model.state_dict())
+    assert torch.equal(encoder_only.encode(audio).mean, full.encode(audio).mean)
+    with pytest.raises(RuntimeError, match="loaded without its decoder"):
+        encoder_only.decode(torch.zeros(1, 64, 4))
+
+
+def test_prepare_never_builds_the_decoder(tiny_ckpt, tmp_path, monkeypatch):
+    """Prepare only encodes; the sampler (load_vae's default) is the one that decodes."""
+    from acestep_lora import vae as vae_module
+    from acestep_lora.prepare import PrepareSettings, prepare_dataset
+
+    from test_prepare import item
+    monkeypatch.setattr(vae_module.Decoder, "__init__", lambda *a, **k: pytest.fail("Prepare built the decoder"))
+    result = prepare_dataset([item("a", 1.0)], str(tmp_path), PrepareSettings(tiny_ckpt, device="cpu"))
+    assert result.encoded == 1

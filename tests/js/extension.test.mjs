@@ -3,13 +3,20 @@
 // messages by node id, fetches the history after a reload without asking for a node that has no run, redraws,
 // and logs no errors. What a real browser must still confirm is listed in the report / web docs.
 import assert from "node:assert/strict";
-import { copyFileSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 const WEB = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "web");
+// The websocket message and the route answers as the pack makes them (written by tests/test_routes.py from
+// acestep_lora.metrics.ProgressEvent): every message below is one of these with some values changed.
+const FIXTURE = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), "fixtures",
+  "training_messages.json"), "utf8"));
+const message = (values) => ({ ...FIXTURE.event, output_dir: undefined, ...values });
+const summary = (values) => ({ ...FIXTURE.runs.runs["7"], output_dir: undefined, ...values });
+const history = (values) => ({ ...FIXTURE.history, output_dir: undefined, ...values });
 
 // ---- stand-ins -------------------------------------------------------------------------------------------
 const frames = [];
@@ -157,12 +164,12 @@ test("websocket messages reach the node with that id and are drawn", async () =>
   ext.nodeCreated(a);
   ext.nodeCreated(b);
   await sleep(120);
-  emit("acestep_lora.training", {
+  emit("acestep_lora.training", message({
     node: "7", points: [[1, 0.9, 1e-5], [2, 0.8, 2e-5], [3, 0.85, 3e-5]], step: 3, total_steps: 100, epoch: 1,
-    total_epochs: 10, loss: 0.85, lr: 3e-5, elapsed: 12.5, eta: 400, 
-  });
-  emit("acestep_lora.training", { node: "7", points: [[4, 0.7, 4e-5]], step: 4, total_steps: 100, epoch: 1,
-    total_epochs: 10, loss: 0.7, lr: 4e-5, elapsed: 15, eta: null });
+    total_epochs: 10, loss: 0.85, lr: 3e-5, elapsed: 12.5, eta: 400,
+  }));
+  emit("acestep_lora.training", message({ node: "7", points: [[4, 0.7, 4e-5]], step: 4, total_steps: 100, epoch: 1,
+    total_epochs: 10, loss: 0.7, lr: 4e-5, elapsed: 15, eta: null }));
   flushFrames();
   const chartA = a.widgets[0].element;
   const chartB = b.widgets[0].element;
@@ -177,12 +184,12 @@ test("websocket messages reach the node with that id and are drawn", async () =>
   assert.doesNotMatch(chartB.children[1].textContent, /step/, "node 8 untouched");
   // a run started by another workflow's node 7 (other output_dir) is not drawn on this node 7
   a.widgets.unshift({ name: "output_dir", value: "acestep_lora/runs/mine" });
-  emit("acestep_lora.training", { node: "7", output_dir: "acestep_lora/runs/other", points: [[5, 9.9, 1e-5]],
-    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 9.9, lr: 1e-5, elapsed: 16, eta: 1 });
+  emit("acestep_lora.training", message({ node: "7", output_dir: "acestep_lora/runs/other", points: [[5, 9.9, 1e-5]],
+    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 9.9, lr: 1e-5, elapsed: 16, eta: 1 }));
   flushFrames();
   assert.match(chartA.children[1].textContent, /step 4\/100/, "foreign run ignored");
-  emit("acestep_lora.training", { node: "7", output_dir: "acestep_lora/runs/mine", points: [[5, 0.6, 1e-5]],
-    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 0.6, lr: 1e-5, elapsed: 16, eta: 1 });
+  emit("acestep_lora.training", message({ node: "7", output_dir: "acestep_lora/runs/mine", points: [[5, 0.6, 1e-5]],
+    step: 5, total_steps: 100, epoch: 1, total_epochs: 10, loss: 0.6, lr: 1e-5, elapsed: 16, eta: 1 }));
   flushFrames();
   assert.match(chartA.children[1].textContent, /step 5\/100/, "own run drawn");
   a.widgets.shift();
@@ -197,10 +204,10 @@ test("after a reload the history is fetched and merged; later refreshes ask only
   const started = 1700000000.25;
   const pts = Array.from({ length: 30 }, (_, i) => [i + 1, 1 / (i + 1), 1e-4]);
   server = {
-    runs: { "11": { node: "11", step: 30, total_steps: 60, epoch: 3, total_epochs: 6, loss: pts[29][1], lr: 1e-4,
-      elapsed: 90, eta: 90, started, done: false, num_points: 30 } },
-    history: { "11": { node: "11", step: 30, total_steps: 60, epoch: 3, total_epochs: 6, elapsed: 90, eta: 90, started,
-      done: false, loss: pts[29][1], lr: 1e-4, num_points: 30, points: pts } },
+    runs: { "11": summary({ node: "11", step: 30, total_steps: 60, epoch: 3, total_epochs: 6, loss: pts[29][1],
+      lr: 1e-4, elapsed: 90, eta: 90, started, done: false, num_points: 30 }) },
+    history: { "11": history({ node: "11", step: 30, total_steps: 60, epoch: 3, total_epochs: 6, elapsed: 90, eta: 90,
+      started, done: false, loss: pts[29][1], lr: 1e-4, num_points: 30, points: pts }) },
   };
   calls.fetch.length = 0;
   const node = makeNode(11);
@@ -247,7 +254,7 @@ test("after a reload the history is fetched and merged; later refreshes ask only
   // removed nodes stop listening
   node.onRemoved();
   const before = el.children[1].textContent;
-  emit("acestep_lora.training", { node: "11", points: [[36, 0.01, 0]], step: 36, total_steps: 60 });
+  emit("acestep_lora.training", message({ node: "11", points: [[36, 0.01, 0]], step: 36, total_steps: 60 }));
   flushFrames();
   assert.equal(el.children[1].textContent, before);
 });
@@ -260,6 +267,32 @@ test("a frontend whose widget.serialize is read-only still gets the chart", asyn
   assert.equal(node.widgets[0].options.serialize, false);
   await sleep(80);
   node.onRemoved();
+});
+
+test("the pack's own messages (the fixture, unchanged) are drawn: live, and after a reload from the routes", async () => {
+  const live = makeNode(7);
+  ext.nodeCreated(live);
+  const chart = live.widgets[0].element;
+  live.widgets.unshift({ name: "output_dir", value: FIXTURE.event.output_dir });
+  await sleep(120);
+  emit("acestep_lora.training", FIXTURE.event);
+  flushFrames();
+  const parts = ["epoch 2/50", "step 4/100", "loss 0.7000", "lr 4.00e-5", "elapsed 15s", "ETA 6m00s"];
+  for (const part of parts) assert.ok(chart.children[1].textContent.includes(part), `${part}: ${chart.children[1].textContent}`);
+  live.onRemoved();
+
+  server = { runs: FIXTURE.runs.runs, history: { "7": FIXTURE.history } };
+  calls.fetch.length = 0;
+  const reloaded = makeNode(7);
+  ext.nodeCreated(reloaded);
+  reloaded.widgets.push({ name: "output_dir", value: FIXTURE.history.output_dir });
+  ext.loadedGraphNode(reloaded);
+  await sleep(150);
+  assert.deepEqual(calls.fetch, ["/acestep_lora/training", "/acestep_lora/training/7"]);
+  flushFrames();
+  const text = reloaded.widgets[0].element.children[1].textContent;
+  for (const part of parts) assert.ok(text.includes(part), `${part}: ${text}`);
+  reloaded.onRemoved();
 });
 
 test("no console errors were logged", () => {
