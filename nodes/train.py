@@ -62,7 +62,7 @@ class TrainLoRA:
     RETURN_TYPES = ("ACE_STEP_LORA_INFO", "STRING")
     RETURN_NAMES = ("lora_info", "training_log")
     OUTPUT_TOOLTIPS = ("The trained LoRA for ACE-Step generation nodes (Text to Music, Cover, Repaint, Simple "
-                       "Mode): {path: PEFT adapter folder, scale: 1.0, ...}.",
+                       "Mode): its PEFT adapter folder (path), scale 1.0, and what it was trained with.",
                        "Per-epoch loss, learning rate, time and ETA, and where the files are.")
 
     @classmethod
