@@ -253,23 +253,28 @@ async function shootPair(path) {
     const el = app.canvas.canvas.getBoundingClientRect();
     const top = 110;
     const ds = app.canvas.ds;
-    const scale = Math.min(1.25, (el.height - top - 60) / (y1 - y0), (el.width - 80) / (x1 - x0));
+    // room around the two: Nodes 2.0 draws a node a little larger than its graph size, plus the footer button
+    const scale = Math.min(1.1, 0.85 * (el.height - top) / (y1 - y0), 0.85 * el.width / (x1 - x0));
     ds.scale = scale;
     ds.offset[0] = (el.width / scale - (x1 - x0)) / 2 - x0;
     ds.offset[1] = top / scale - y0;
     app.canvas.setDirty(true, true);
   }, [PREPARE, TRAIN]);
   await page.waitForTimeout(1500); // the node elements follow the canvas transform
-  const rects = await page.evaluate((kinds) => window.app.graph._nodes
-    .filter((n) => kinds.includes(n.comfyClass ?? n.type))
-    .map((n) => document.querySelector(`[data-node-id="${n.id}"]`)?.getBoundingClientRect().toJSON())
-    .filter(Boolean), [PREPARE, TRAIN]);
-  if (rects.length !== 2) return null;
+  const rects = await page.evaluate((kinds) => {
+    const nodes = window.app.graph._nodes.filter((n) => kinds.includes(n.comfyClass ?? n.type))
+      .map((n) => document.querySelector(`[data-node-id="${n.id}"]`)).filter(Boolean);
+    const footers = [...document.querySelectorAll("button")].filter((b) => /advanced inputs/i.test(b.innerText)
+      && nodes.some((el) => el.contains(b) || el.parentElement?.contains(b)));
+    return { nodes: nodes.length, all: [...nodes, ...footers].map((e) => e.getBoundingClientRect().toJSON()) };
+  }, [PREPARE, TRAIN]);
+  if (rects.nodes !== 2) return null;
   const vp = page.viewportSize();
-  const x = Math.max(0, Math.min(...rects.map((r) => r.left)) - 12);
-  const y = Math.max(0, Math.min(...rects.map((r) => r.top)) - 12);
-  const clip = { x, y, width: Math.min(vp.width, Math.max(...rects.map((r) => r.right)) + 12) - x,
-    height: Math.min(vp.height, Math.max(...rects.map((r) => r.bottom)) + 12) - y };
+  const all = rects.all;
+  const x = Math.max(0, Math.min(...all.map((r) => r.left)) - 12);
+  const y = Math.max(0, Math.min(...all.map((r) => r.top)) - 12);
+  const clip = { x, y, width: Math.min(vp.width, Math.max(...all.map((r) => r.right)) + 12) - x,
+    height: Math.min(vp.height, Math.max(...all.map((r) => r.bottom)) + 12) - y };
   await page.screenshot({ path, clip });
   return { path, clip };
 }
