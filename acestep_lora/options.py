@@ -6,7 +6,7 @@ Each option is declared once, as a field of the config dataclass it belongs to (
 flags). ``table(cls)`` reads a dataclass back as ``Option`` rows, and from those rows come:
 
 - the nodes' inputs, ``node_inputs(group)``: ComfyUI V1 ``INPUT_TYPES`` widgets with default, range, tooltip and
-  ``"advanced": True`` for expert knobs (ComfyUI's frontend folds those behind "Show advanced");
+  ``"advanced": True`` for expert knobs (the frontend's Nodes 2.0 folds those behind "Show advanced inputs");
 - the command line, ``add_cli_options(parser, group)``: one flag per option (old short spellings kept as aliases),
   its help text, its default and range in ``--help``, the same choices and ranges checked;
 - a config from either, ``config_from_inputs(cls, values)``.
@@ -14,6 +14,10 @@ flags). ``table(cls)`` reads a dataclass back as ``Option`` rows, and from those
 Adding an option is one field here. A node widget joins the end of its node section (saved workflows store widget
 values by position, so existing widgets never move); ``node_after`` keeps the one older order that differs from the
 field order. The two groups are ``PREPARE`` (Prepare's settings plus the folders it reads and writes) and ``TRAIN``.
+
+References: ComfyUI 0.20's V1 input options (``comfy_api/latest/_io.py``: ``advanced``, ``control_after_generate``,
+``round``); frontend 1.42 folds ``advanced`` widgets in Nodes 2.0 only (tests/e2e/README.md). tests/test_options.py
+shows that the three agree.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ class Option:
     widget: Mapping[str, Any] = field(default_factory=dict)  # more ComfyUI widget options ({"round": False})
     flags: tuple = ()  # command-line flags, canonical first, then old spellings; () = --name-with-dashes
     cli_help: str = ""  # the command line's help where the tooltip speaks of the node
-    default_text: str = ""  # how --help shows a default that is no literal value (None = "the output folder")
+    default_text: str = ""  # how --help shows a default that is no value to print (loras_dir's None)
 
     @property
     def required(self) -> bool:

@@ -19,8 +19,8 @@ Prepare and Train nodes as ``advanced_inputs.png``:
     PLAYWRIGHT_CORE_DIR=/work/browser/node_modules ACESTEP_SCREENSHOT_DIR=docs \
         .venv/bin/python -m pytest tests/e2e/test_browser_chart.py -q -s
 
-Screenshots (mid-run, after the reload, at the end, help panel, templates dialog, advanced inputs folded and open) and the driver's JSON report are
-left in pytest's temporary folder (printed).
+Screenshots (mid-run, after the reload, at the end, help panel, templates dialog, advanced inputs folded and open)
+and the driver's JSON report are left in pytest's temporary folder (printed).
 """
 from __future__ import annotations
 
