@@ -21,10 +21,10 @@ import threading
 import traceback
 
 from . import __version__, console
-from .checkpoint import DEFAULT_CONFIG_PATH
 from .console import CountBar, TrainingBar, library_bars_off
+from .options import PREPARE, TRAIN, add_cli_options, config_from_inputs
 from .samples import SIDECAR_HELP
-from .train import DEFAULT_TARGETS, TIMESTEP_SAMPLING, TrainingStopped
+from .train import TrainingStopped
 
 log = logging.getLogger("acestep_lora.cli")
 
@@ -38,13 +38,10 @@ def _prepare(args) -> int:
     from .samples import collect_samples
 
     items = items_from_samples(collect_samples(args.samples_dir))
-    settings = PrepareSettings(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path, device=args.device,
-                               custom_tag=args.custom_tag, tag_position=args.tag_position,
-                               max_duration=args.max_duration, long_audio=args.long_audio,
-                               detect_bpm=args.detect_bpm)
+    settings = config_from_inputs(PrepareSettings, vars(args))
     bar = CountBar("prepare")
     try:
-        result = prepare_dataset(items, args.output, settings, progress=bar.update)
+        result = prepare_dataset(items, args.output_dir, settings, progress=bar.update)
     except KeyboardInterrupt:
         bar.close()  # the bar first, so the message is the last line
         log.info("stopped; the samples encoded so far are cached: the same command continues")
@@ -120,48 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # the prepare and train options come from the option table (options.py): help text, default and range each
     p = sub.add_parser("prepare", parents=[debug], help="encode a folder of samples into training tensors",
                        epilog=SIDECAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples-dir", required=True, help="audio files with .json/.txt sidecars (or Create's output)")
-    p.add_argument("--output", required=True, help="tensor folder to write")
-    p.add_argument("--checkpoint-dir", required=True)
-    p.add_argument("--config-path", default=DEFAULT_CONFIG_PATH)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--custom-tag", default="")
-    p.add_argument("--tag-position", default="append", choices=["append", "prepend", "replace"])
-    p.add_argument("--max-duration", type=float, default=240.0)
-    p.add_argument("--long-audio", dest="long_audio", choices=["segments", "crop"], default="segments",
-                   help="songs longer than --max-duration: cut into equal segments (default), or keep only the "
-                        "first part")
-    p.add_argument("--no-detect-bpm", dest="detect_bpm", action="store_false", default=True,
-                   help="do not detect the tempo of samples that give none")
+    add_cli_options(p, PREPARE)
     p.set_defaults(run=_prepare)
 
     t = sub.add_parser("train", parents=[debug], help="train a LoRA on prepared tensors")
-    t.add_argument("--tensor-dir", dest="tensor_dir", required=True)
-    t.add_argument("--checkpoint-dir", dest="checkpoint_dir", required=True)
-    t.add_argument("--output-dir", dest="output_dir", required=True)
-    t.add_argument("--config-path", dest="config_path", default=DEFAULT_CONFIG_PATH)
-    t.add_argument("--rank", dest="lora_rank", type=int, default=64)
-    t.add_argument("--alpha", dest="lora_alpha", type=float, default=128.0)
-    t.add_argument("--dropout", dest="lora_dropout", type=float, default=0.1)
-    t.add_argument("--lr", dest="learning_rate", type=float, default=3e-4)
-    t.add_argument("--epochs", dest="train_epochs", type=int, default=1000)
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=1)
-    t.add_argument("--grad-accum", dest="gradient_accumulation", type=int, default=1)
-    t.add_argument("--save-every", dest="save_every_n_epochs", type=int, default=200)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--resume-from", dest="resume_from", default="", help="'latest' or a checkpoint folder")
-    t.add_argument("--target-modules", dest="target_modules", default=DEFAULT_TARGETS)
-    t.add_argument("--timestep-sampling", dest="timestep_sampling", default="auto", choices=TIMESTEP_SAMPLING)
-    t.add_argument("--cfg-dropout", dest="cfg_dropout", type=float, default=0.15)
-    t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", default="auto",
-                   choices=["auto", "on", "off"])
-    t.add_argument("--lora-name", dest="lora_name", default="")
-    t.add_argument("--loras-dir", dest="loras_dir", default=None,
-                   help="where the ComfyUI file goes (default: --output-dir); e.g. ComfyUI/models/loras, where the "
-                        "periodic checkpoints' LoRAs are also published as <name>/epoch_<N>.safetensors")
-    t.add_argument("--device", default="auto")
+    add_cli_options(t, TRAIN)
     t.set_defaults(run=_train)
 
     k = sub.add_parser("tiny-checkpoint", parents=[debug], help="write a tiny official-layout checkpoint (tests, demos)")

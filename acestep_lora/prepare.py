@@ -92,18 +92,7 @@ def items_from_samples(found: list) -> list[PrepareItem]:
                         bpm_source=s.bpm_source, notes=list(s.notes)) for s in found]
 
 
-@dataclass
-class PrepareSettings:
-    checkpoint_dir: str
-    config_path: str = "acestep-v15-turbo"
-    device: str = "auto"
-    custom_tag: str = ""
-    tag_position: str = "append"
-    max_duration: float = 240.0
-    long_audio: str = "segments"  # LONG_AUDIO_CHOICES: "segments" (use all of a long file) or "crop"
-    detect_bpm: bool = True  # measure the tempo of samples whose bpm is unknown, and train with it
-    vae_chunk_seconds: float = 30.0
-    vae_overlap_seconds: float = 2.0
+from .options import PrepareSettings  # noqa: E402  (declared in the option table with its node and CLI facts)
 
 
 @dataclass

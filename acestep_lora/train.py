@@ -41,36 +41,7 @@ from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCa
 log = logging.getLogger("acestep_lora.train")
 
 
-@dataclass
-class TrainConfig:
-    tensor_dir: str
-    checkpoint_dir: str
-    output_dir: str
-    config_path: str = "acestep-v15-turbo"
-    lora_rank: int = 64
-    lora_alpha: float = 128.0
-    lora_dropout: float = 0.1
-    learning_rate: float = 3e-4
-    train_epochs: int = 1000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    save_every_n_epochs: int = 200
-    seed: int = 42
-    resume_from: str = ""  # "", "latest", or a checkpoint folder
-    target_modules: str = DEFAULT_TARGETS
-    timestep_sampling: str = "auto"
-    cfg_dropout: float = 0.15  # used with logit-normal sampling (base/sft); the distilled turbo uses no CFG
-    gradient_checkpointing: str = "auto"  # auto | on | off
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    trigger_tag: str = ""
-    lora_name: str = ""
-    loras_dir: Optional[str] = None  # where the ComfyUI file goes (default: output_dir); when set, each periodic
-    # checkpoint's LoRA is also published there as <lora_name>/epoch_<N>.safetensors
-    device: str = "auto"
-    log_every: int = 10
-    comfy_dtype: str = "bfloat16"
+from .options import TrainConfig  # noqa: E402  (declared in the option table with its node and CLI facts)
 
 
 def check_config(c: TrainConfig) -> None:

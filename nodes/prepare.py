@@ -6,11 +6,10 @@ import logging
 import os
 
 from ..acestep_lora import checkpoint as ckpt
-from ..acestep_lora import lists
+from ..acestep_lora import lists, options
 from ..acestep_lora.audio import from_comfy_audio
 from ..acestep_lora.console import CountBar
-from ..acestep_lora.device import DEVICE_CHOICES
-from ..acestep_lora.prepare import LONG_AUDIO_CHOICES, PrepareItem, PrepareSettings, prepare_dataset
+from ..acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
 from . import comfy
 
 KNOWN_CONFIGS = ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft", "acestep-v15-turbo-shift3"]
@@ -19,6 +18,13 @@ KNOWN_CONFIGS = ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft", "ac
 def config_choices() -> list[str]:
     found = ckpt.list_dit_configs(comfy.default_checkpoint_dir())
     return found + [c for c in KNOWN_CONFIGS if c not in found]
+
+
+def option_widgets(group) -> dict:
+    """The group's widgets from the option table, with what only ComfyUI knows: the default checkpoint folder
+    under its models folder and the DiT folders found there."""
+    return options.node_inputs(group, defaults={"checkpoint_dir": comfy.default_checkpoint_dir()},
+                               choices={"config_path": config_choices()})
 
 
 def _list_input(tooltip: str) -> tuple:
@@ -45,6 +51,7 @@ class PrepareTrainingData:
 
     @classmethod
     def INPUT_TYPES(cls):
+        widgets = option_widgets(options.PREPARE)
         return {
             "required": {
                 "audio_files": _list_input("Audio file paths, one per sample: a JSON array (as Collect Training "
@@ -60,35 +67,13 @@ class PrepareTrainingData:
                                              + ". Empty = unknown."),
                 "language_list": _list_input("Vocal language code per sample (en, zh, ja, ..., instrumental): "
                                              + lists.VALUES_RULE + ". Empty = unknown."),
-                "output_dir": ("STRING", {"default": "acestep_lora/tensors", "tooltip": "Where the tensors go. "
-                                          "Relative paths are inside ComfyUI's output folder."}),
-                "checkpoint_dir": ("STRING", {"default": comfy.default_checkpoint_dir(), "tooltip":
-                                              "The official ACE-Step 1.5 download (folders acestep-v15-*, vae, "
-                                              "Qwen3-Embedding-0.6B)."}),
-                "config_path": (config_choices(), {"default": "acestep-v15-turbo", "tooltip":
-                                                   "DiT folder inside checkpoint_dir. Train with the same one."}),
-                "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "auto = CUDA, else Apple MPS, "
-                                                  "else CPU."}),
+                **widgets["required"],
             },
             "optional": {
                 **{f"audio_input_{i}": ("AUDIO", {"tooltip": f"Audio from a Load Audio node (sample after the "
                                                              f"files{' and audio_input_' + str(i - 1) if i > 1 else ''})."})
                    for i in range(1, 5)},
-                "custom_tag": ("STRING", {"default": "", "tooltip": "A trigger word added to every caption "
-                                          "(e.g. 'mystyle')."}),
-                "tag_position": (["append", "prepend", "replace"], {"default": "append", "tooltip":
-                                 "append: 'caption, tag'; prepend: 'tag, caption'; replace: the tag alone."}),
-                "max_duration": ("FLOAT", {"default": 240.0, "min": 1.0, "max": 600.0, "step": 1.0, "tooltip":
-                                           "Longest training sample in seconds (240 s as the official trainer). "
-                                           "Longer audio is split or cropped, see long_audio."}),
-                "long_audio": (list(LONG_AUDIO_CHOICES), {"default": "segments", "advanced": True, "tooltip":
-                               "Audio longer than max_duration. segments: split into equal pieces of at most "
-                               "max_duration, each a training sample with the same metadata (all of the song is "
-                               "used). crop: keep the first max_duration seconds (the official trainer's way; the "
-                               "rest is lost). Only the part used is decoded."}),
-                "detect_bpm": ("BOOLEAN", {"default": True, "advanced": True, "tooltip":
-                               "Measure the tempo of samples whose bpm is unknown and train with it (the table "
-                               "says 'detected'); off: unknown stays unknown (N/A in the prompt)."}),
+                **widgets["optional"],
                 "timesignature_list": ("STRING", {"default": "", "forceInput": True, "tooltip":
                                                   "Time signature per sample (4/4, 3/4, ...), from Collect."}),
             },
@@ -110,13 +95,12 @@ class PrepareTrainingData:
             h.update(f"{full}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}".encode())
         return h.hexdigest()
 
-    def prepare(self, audio_files, captions, lyrics_list, bpm_list, keyscale_list, language_list, output_dir,
-                checkpoint_dir, config_path, device, custom_tag="", tag_position="append", max_duration=240.0,
-                long_audio="segments", detect_bpm=True, timesignature_list="", unique_id=None, **audio_inputs):
+    def prepare(self, audio_files, captions, lyrics_list, bpm_list, keyscale_list, language_list,
+                timesignature_list="", unique_id=None, **inputs):  # inputs: the option table's widgets, audio_input_N
         paths = [comfy.resolve_input_path(p) for p in lists.parse_list(audio_files, "audio_files") if p]
         waveforms = []
         for i in range(1, 5):
-            value = audio_inputs.get(f"audio_input_{i}")
+            value = inputs.get(f"audio_input_{i}")
             if value is not None:
                 clips = from_comfy_audio(value, f"audio_input_{i}")
                 waveforms += [(f"audio_input_{i}" + (f"[{j}]" if len(clips) > 1 else ""), w, sr)
@@ -138,10 +122,8 @@ class PrepareTrainingData:
                 items.append(PrepareItem(name=name, waveform=waveform, sample_rate=rate, **meta))
 
         bar = comfy.Progress(max(1, count), node_id=unique_id)
-        settings = PrepareSettings(checkpoint_dir=comfy.resolve_checkpoint_dir(checkpoint_dir),
-                                   config_path=config_path, device=device, custom_tag=custom_tag,
-                                   tag_position=tag_position, max_duration=max_duration, long_audio=long_audio,
-                                   detect_bpm=bool(detect_bpm))
+        settings = options.config_from_inputs(PrepareSettings, inputs,
+                                              checkpoint_dir=comfy.resolve_checkpoint_dir(inputs["checkpoint_dir"]))
 
         console = CountBar("prepare")
 
@@ -151,8 +133,8 @@ class PrepareTrainingData:
 
         comfy.free_memory()  # ComfyUI's cached generation models out of the way of the VAE and encoders
         try:
-            result = prepare_dataset(items, comfy.resolve_under_output(output_dir), settings, progress=progress,
-                                     check_cancel=comfy.check_interrupt, input_notes=notes)
+            result = prepare_dataset(items, comfy.resolve_under_output(inputs["output_dir"]), settings,
+                                     progress=progress, check_cancel=comfy.check_interrupt, input_notes=notes)
         finally:
             console.close()
         logging.getLogger("acestep_lora.nodes").info(result.status)

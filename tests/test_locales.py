@@ -12,10 +12,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # also when run as a script (regenerating locales/en)
+
+from acestep_lora import options  # noqa: E402
 LOCALES = os.path.join(ROOT, "locales")
 DOCS = os.path.join(ROOT, "web", "docs")
 CJK = re.compile(r"[\u4e00-\u9fff]")
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?")
+OPTION_NODES = {"ACEStepLoRA_PrepareTrainingData": options.PREPARE, "ACEStepLoRA_Train": options.TRAIN}
+# How the node docs' input tables write "advanced" and the defaults that are words
+DOC_WORDS = {"en": ("(advanced)", {"": "empty", True: "on", False: "off"}),
+             "zh": ("（高级）", {"": "空", True: "开", False: "关"})}
 
 
 def node_inputs(cls) -> dict:
@@ -84,6 +91,59 @@ def test_zh_nodedefs_cover_every_input_and_output(comfy):
                     assert number in item["tooltip"], (
                         f"{where}: the English tooltip says {number!r} but the Chinese one does not:\n"
                         f"  en: {ref[kind][key]['tooltip']}\n  zh: {item['tooltip']}")
+
+
+def test_every_option_on_a_node_has_its_english_and_chinese_tooltip():
+    """The English tooltips are the option table's; a new option without a Chinese one fails here."""
+    en, zh = load("en", "nodeDefs.json"), load("zh", "nodeDefs.json")
+    for node_id, group in OPTION_NODES.items():
+        for o in options.node_order(group):
+            assert en[node_id]["inputs"][o.name]["tooltip"] == o.tooltip, (
+                f"locales/en/nodeDefs.json {node_id} {o.name} is stale: regenerate it")
+            item = zh[node_id]["inputs"].get(o.name)
+            assert item and CJK.search(item["tooltip"]), (
+                f"locales/zh/nodeDefs.json: {node_id} has no Chinese tooltip for the option {o.name}")
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_node_docs_give_every_option_its_default_and_advanced_mark(lang):
+    """The input tables of web/docs/ against the option table: a row per widget, "(advanced)" exactly on the
+    folded ones, and the default the node shows."""
+    mark, words = DOC_WORDS[lang]
+    for node_id, group in OPTION_NODES.items():
+        path = os.path.join(DOCS, f"{node_id}.md") if lang == "en" else os.path.join(DOCS, node_id, f"{lang}.md")
+        with open(path, encoding="utf-8") as f:
+            rows = {m.group(1): (m.group(2).strip(), m.group(3).strip()) for m in
+                    re.finditer(r"^\|\s*`(\w+)`[^|\n]*\|([^|\n]*)\|([^|\n]*)\|", f.read(), re.M)}
+        where = os.path.relpath(path, ROOT)
+        for o in options.node_order(group):
+            assert o.name in rows, f"{where}: no input table row for `{o.name}`"
+            kind, default = rows[o.name]
+            assert (mark in kind) == o.advanced, f"{where}: `{o.name}` is {'' if o.advanced else 'not '}advanced"
+            if o.name == "checkpoint_dir":  # ComfyUI's models folder, written as <ComfyUI>/models/Ace-Step1.5
+                continue
+            expected, cell = o.default if o.node_default is None else o.node_default, default.strip("`")
+            if isinstance(expected, bool) or expected == "":
+                assert cell == words[expected], f"{where}: `{o.name}` default {cell!r}"
+            elif isinstance(expected, (int, float)):
+                assert float(cell) == expected, f"{where}: `{o.name}` default {cell!r}, the node's is {expected}"
+            else:
+                assert cell == expected, f"{where}: `{o.name}` default {cell!r}, the node's is {expected!r}"
+
+
+@pytest.mark.parametrize("parts", [("en", "nodeDefs.json"), ("zh", "nodeDefs.json"), ("zh", "main.json")])
+def test_locale_texts_have_no_message_syntax(parts):
+    """The frontend compiles locale texts as vue-i18n messages: a '{' or '}' (placeholder), '|' (plural) or '@'
+    (linked message) in a tooltip is a compile error, and in Nodes 2.0 the node then shows "Node Slots Error"."""
+    def texts(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                yield from texts(item)
+        else:
+            yield value
+
+    for text in texts(load(*parts)):
+        assert not set("{}|@") & set(text), f"locales/{'/'.join(parts)}: {text!r}"
 
 
 def test_zh_main_json_translates_the_category():

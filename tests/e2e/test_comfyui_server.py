@@ -459,6 +459,14 @@ def test_pack_loads_and_object_info_lists_the_nodes(server, object_info):
         os.path.join(server.models, "Ace-Step1.5")
     assert object_info[PREPARE]["input"]["optional"]["timesignature_list"][1].get("forceInput") is True
     assert object_info[CREATE]["input"]["optional"]["previous"][1].get("forceInput") is True
+    # the option table's expert knobs reach the frontend as "advanced": true (folded in Nodes 2.0)
+    from acestep_lora import options
+
+    for node_id, group in ((PREPARE, options.PREPARE), (TRAIN, options.TRAIN)):
+        inputs = {**object_info[node_id]["input"]["required"], **object_info[node_id]["input"].get("optional", {})}
+        advanced = [name for name, spec in inputs.items() if len(spec) > 1 and spec[1].get("advanced") is True]
+        assert advanced == [o.name for o in options.node_order(group) if o.advanced], (node_id, advanced)
+        print(f"{node_id} advanced: {', '.join(advanced)}")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@
 //   help      click the node's title, the selection toolbox's "Node Info": the right side panel renders
 //             web/docs/<node>.md
 //   finish    wait for the run to end (interrupt it after timeouts.finish s); final chart state
+//   advanced  the classic canvas's view of the Prepare and Train widgets (options.advanced, shown or not); then
+//             Nodes 2.0 (setting Comfy.VueNodes.Enabled): example workflow (1) again, the two nodes' rendered text
+//             folded, a screenshot of both, the text after "Show advanced inputs"
 // Console messages (with the caller's stack for console.error/warn), page errors, HTTP errors, the pack's requests
 // and the POST /prompt body are recorded throughout.
 //
@@ -17,7 +20,8 @@
 // config: {url, pack_dir_name, workflow (UI-format JSON), widgets: {<node type>: {<widget>: value}}, load_audio:
 //          [file names for the LoadAudio nodes, in id order], help_doc (web/docs/<node>.md), min_points_shot,
 //          report, screenshot, screenshot_reload, screenshot_end, screenshot_error, help_screenshot,
-//          templates_screenshot, timeouts: {ready, points, shot_points, reload, finish} (seconds)}
+//          templates_screenshot, advanced_screenshot, advanced_open_screenshot,
+//          timeouts: {ready, points, shot_points, reload, finish} (seconds)}
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
@@ -28,6 +32,7 @@ const require = createRequire(import.meta.url);
 const { chromium } = require(require.resolve("playwright-core", { paths: [process.env.PLAYWRIGHT_CORE_DIR || "."] }));
 
 const TRAIN = "ACEStepLoRA_Train";
+const PREPARE = "ACEStepLoRA_PrepareTrainingData";
 const PACK = cfg.pack_dir_name || "acestep-lora";
 const T = { ready: 120, points: 600, shot_points: 240, reload: 60, finish: 900, ...(cfg.timeouts || {}) };
 const started = Date.now();
@@ -215,6 +220,63 @@ async function shootNode(path) {
   clip.height = Math.min(vp.height - clip.y, box.height);
   await page.screenshot({ path, clip });
   return { path, clip, scale: box.scale };
+}
+
+/** The Prepare and Train widgets as the classic canvas has them: advanced flag and whether it is drawn. */
+async function classicWidgets() {
+  return page.evaluate((kinds) => Object.fromEntries(window.app.graph._nodes
+    .filter((n) => kinds.includes(n.comfyClass ?? n.type))
+    .map((n) => [n.comfyClass ?? n.type, n.widgets.map((w) => ({ name: w.name, advanced: w.options?.advanced ?? false,
+      visible: n.isWidgetVisible ? n.isWidgetVisible(w) : true }))])), [PREPARE, TRAIN]);
+}
+
+/** Nodes 2.0: the rendered lines of the Prepare and Train node elements (widget labels, values, buttons). */
+async function vueNodeText() {
+  return page.evaluate((kinds) => Object.fromEntries(window.app.graph._nodes
+    .filter((n) => kinds.includes(n.comfyClass ?? n.type))
+    .map((n) => {
+      const el = document.querySelector(`[data-node-id="${n.id}"]`);
+      return [n.comfyClass ?? n.type, el ? el.innerText.split("\n").map((l) => l.trim()).filter(Boolean) : null];
+    })), [PREPARE, TRAIN]);
+}
+
+/** Nodes 2.0: zooms so that the Prepare and Train nodes fill the viewport; screenshot of the two. */
+async function shootPair(path) {
+  await page.evaluate((kinds) => {
+    const app = window.app;
+    const nodes = app.graph._nodes.filter((n) => kinds.includes(n.comfyClass ?? n.type));
+    const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+    const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+    const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+    const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+    const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+    const el = app.canvas.canvas.getBoundingClientRect();
+    const top = 110;
+    const ds = app.canvas.ds;
+    // room around the two: Nodes 2.0 draws a node a little larger than its graph size, plus the footer button
+    const scale = Math.min(1.1, 0.85 * (el.height - top) / (y1 - y0), 0.85 * el.width / (x1 - x0));
+    ds.scale = scale;
+    ds.offset[0] = (el.width / scale - (x1 - x0)) / 2 - x0;
+    ds.offset[1] = top / scale - y0;
+    app.canvas.setDirty(true, true);
+  }, [PREPARE, TRAIN]);
+  await page.waitForTimeout(1500); // the node elements follow the canvas transform
+  const rects = await page.evaluate((kinds) => {
+    const nodes = window.app.graph._nodes.filter((n) => kinds.includes(n.comfyClass ?? n.type))
+      .map((n) => document.querySelector(`[data-node-id="${n.id}"]`)).filter(Boolean);
+    const footers = [...document.querySelectorAll("button")].filter((b) => /advanced inputs/i.test(b.innerText)
+      && nodes.some((el) => el.contains(b) || el.parentElement?.contains(b)));
+    return { nodes: nodes.length, all: [...nodes, ...footers].map((e) => e.getBoundingClientRect().toJSON()) };
+  }, [PREPARE, TRAIN]);
+  if (rects.nodes !== 2) return null;
+  const vp = page.viewportSize();
+  const all = rects.all;
+  const x = Math.max(0, Math.min(...all.map((r) => r.left)) - 12);
+  const y = Math.max(0, Math.min(...all.map((r) => r.top)) - 12);
+  const clip = { x, y, width: Math.min(vp.width, Math.max(...all.map((r) => r.right)) + 12) - x,
+    height: Math.min(vp.height, Math.max(...all.map((r) => r.bottom)) + 12) - y };
+  await page.screenshot({ path, clip });
+  return { path, clip };
 }
 
 let exitCode = 0;
@@ -410,6 +472,35 @@ try {
   await page.waitForTimeout(3000); // the "executed" event refreshes the chart from the route
   report.checks.end = await chartState();
   if (cfg.screenshot_end) report.checks.shot_end = await shootNode(cfg.screenshot_end);
+
+  // ---- 8. advanced inputs: the classic canvas, then Nodes 2.0 folded and unfolded ---------------------------
+  await setPhase("advanced");
+  try {
+    await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
+    await page.waitForTimeout(1500);
+    const adv = { classic: await classicWidgets() };
+    report.checks.advanced = adv;
+    await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", true));
+    await page.waitForTimeout(2000);
+    await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflow);
+    await page.waitForTimeout(3000);
+    adv.folded = await vueNodeText();
+    if (cfg.advanced_screenshot) adv.shot = await shootPair(cfg.advanced_screenshot);
+    adv.folded_after_shot = await vueNodeText();
+    for (const kind of [PREPARE, TRAIN]) {
+      const id = await page.evaluate((k) => String(window.app.graph._nodes.find((n) => (n.comfyClass ?? n.type) === k).id),
+        kind);
+      await page.locator(`[data-node-id="${id}"]`).getByText("Show advanced inputs").click({ timeout: 10_000 });
+      await page.waitForTimeout(800);
+    }
+    adv.unfolded = await vueNodeText();
+    if (cfg.advanced_open_screenshot) adv.shot_open = await shootPair(cfg.advanced_open_screenshot);
+  } catch (e) {
+    report.notes.push(`advanced inputs: ${e}`);
+    if (cfg.screenshot_error) await page.screenshot({ path: cfg.screenshot_error.replace(/\.png$/, "_advanced.png") });
+  }
+  await page.evaluate(() => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", false)).catch(() => {});
+  save();
   await setPhase("end");
 } catch (e) {
   report.error = String(e && e.stack ? e.stack : e);
