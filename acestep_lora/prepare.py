@@ -50,6 +50,7 @@ from .manifest import PREPROCESS_VERSION, TENSOR_KEYS, DatasetMetadata, Manifest
 from .metadata import (INSTRUMENTAL_LYRICS, normalize_bpm, normalize_keyscale, normalize_language,
                        normalize_lyrics, normalize_timesignature, prompt_language)
 from .prompts import apply_custom_tag, caption_prompt, lyrics_prompt
+from .options import PrepareSettings  # declared in the option table, with its node and CLI facts
 
 LONG_AUDIO_CHOICES = audio_io.LONG_AUDIO_CHOICES
 # ACE-Step generates 10-600 s (official DURATION_MIN / DURATION_MAX): a shorter clip teaches a length the model is
@@ -91,8 +92,6 @@ def items_from_samples(found: list) -> list[PrepareItem]:
                         caption_source=s.caption_source, lyrics_source=s.lyrics_source,
                         bpm_source=s.bpm_source, notes=list(s.notes)) for s in found]
 
-
-from .options import PrepareSettings  # noqa: E402  (declared in the option table with its node and CLI facts)
 
 
 @dataclass

@@ -37,11 +37,9 @@ from .objective import TIMESTEP_SAMPLING, FlowMatching, resolve_sampling  # noqa
 from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
                         continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature)
+from .options import TrainConfig  # declared in the option table, with its node and CLI facts
 
 log = logging.getLogger("acestep_lora.train")
-
-
-from .options import TrainConfig  # noqa: E402  (declared in the option table with its node and CLI facts)
 
 
 def check_config(c: TrainConfig) -> None:
