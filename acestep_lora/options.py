@@ -213,6 +213,33 @@ class TrainConfig:
         "GPU; on CPU every step).", min=1, max=10000, advanced=True))
     comfy_dtype: str = field(default="bfloat16", metadata=option(
         "Weight dtype of the ComfyUI LoRA file.", choices=COMFY_DTYPES, advanced=True))
+    # Hear it while it trains (previews.py, validation.py)
+    preview_every_n_epochs: int = field(default=-1, metadata=option(
+        "Render short preview clips with the LoRA every N epochs and after the last one, and once with the LoRA "
+        "off before training, to compare. -1 = with each checkpoint (save_every_n_epochs), 0 = no previews.",
+        min=-1, max=10000, node=OPTIONAL))
+    preview_count: int = field(default=2, metadata=option(
+        "Preview clips per epoch (clip i at preview_seed + i).", min=1, max=8, advanced=True, node=OPTIONAL))
+    preview_seconds: float = field(default=20.0, metadata=option(
+        "Length of each preview clip in seconds.", min=1.0, max=120.0, step=1.0, advanced=True, node=OPTIONAL))
+    preview_captions: str = field(default="", metadata=option(
+        "Captions of the preview clips, one per line (or a JSON array); the trigger tag is added as in training. "
+        "Empty = the captions of held-out samples, then of training samples.", widget={"multiline": True},
+        node=OPTIONAL))
+    preview_lyrics: str = field(default="", metadata=option(
+        "Lyrics of the preview clips: one text, or blocks separated by a line holding only --- (or a JSON array). "
+        "Empty = the samples' lyrics (instrumental with your own captions).", widget={"multiline": True},
+        node=OPTIONAL))
+    preview_seed: int = field(default=0, metadata=option(
+        "Noise seed of the preview clips: the same seed at every epoch, so only the LoRA changes.", min=0,
+        max=2 ** 31 - 1, widget={"control_after_generate": False}, advanced=True, node=OPTIONAL))
+    validation_split: float = field(default=0.1, metadata=option(
+        "Share of the samples held out of training to measure an honest validation loss (at least 1 when there "
+        "are 5 or more, at most 20; 0 = off). The epoch with the lowest one is kept in best/.", min=0.0, max=0.5,
+        step=0.01, node=OPTIONAL))
+    validation_every_n_epochs: int = field(default=10, metadata=option(
+        "Compute the validation loss every N epochs (and after the last one). Each costs about as much as "
+        "training on 3 samples per held-out sample.", min=1, max=10000, advanced=True, node=OPTIONAL))
 
 
 @cache

@@ -6,7 +6,8 @@
     trainer.cleanup()
 
 Parts: objective.py (the loss and its random draws), optim.py (AdamW, schedule), run_state.py (checkpoints, run
-signature, resume), metrics.py (loss read-back, logs, progress events), export.py (LoRA files, loras folder).
+signature, resume), metrics.py (loss read-back, logs, progress events), export.py (LoRA files, loras folder);
+validation.py (held-out loss, best/) and previews.py (audio while training) plug in through the Trainer's hooks.
 Unlike the official trainer, LoRA weights and AdamW state stay fp32 (compute: bf16 autocast on CUDA, fp16 on MPS,
 fp32 on CPU) and resume restores the LoRA weights and every RNG: a resumed run equals the uninterrupted one bit for
 bit on CPU. Cancel / Ctrl-C and running out of memory save a resumable checkpoint at a step boundary.
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import export, lora
+from . import export, lora, previews
 from .checkpoint import dit_dir, dit_identity, load_config, load_dit
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory, resolve_device
@@ -36,8 +37,10 @@ from .metrics import MetricsLog, ProgressEvent, format_seconds, plural
 from .objective import TIMESTEP_SAMPLING, FlowMatching, resolve_sampling  # noqa: F401  (TIMESTEP_SAMPLING: CLI)
 from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
-                        continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature)
+                        continue_on, latest_checkpoint, plan, resolve_resume, restore_rng, rng_snapshot,
+                        run_signature)
 from .options import TrainConfig  # declared in the option table, with its node and CLI facts
+from .validation import Validation
 
 log = logging.getLogger("acestep_lora.train")
 
@@ -70,19 +73,27 @@ class Trainer:
         self.dtype = compute_dtype(self.device)
         dit_dir(cfg.checkpoint_dir, cfg.config_path)
         self.model_cfg = load_config(cfg.checkpoint_dir, cfg.config_path)
-        self.data = TensorDataset(cfg.tensor_dir)
-        self.data.check_for(cfg.config_path, self.model_cfg.encoder_hidden_size or self.model_cfg.hidden_size,
-                            cfg.batch_size)
+        data = TensorDataset(cfg.tensor_dir)
+        data.check_for(cfg.config_path, self.model_cfg.encoder_hidden_size or self.model_cfg.hidden_size,
+                       cfg.batch_size)
+        # held-out samples (validation.py) are not trained on; a resume keeps its checkpoint's split
+        self.data, self.validation = Validation.split(cfg, data, resolve_resume(cfg.resume_from, cfg.output_dir))
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = export.lora_name_for(cfg.lora_name, cfg.output_dir)
         self.trigger_tag = cfg.trigger_tag or self.data.manifest.metadata.custom_tag
         compute = f"{self.device.type}/{str(self.dtype).replace('torch.', '')}"
         self.signature = run_signature(cfg, self.sampling, self.data.manifest.fingerprint(),
                                        dit_identity(cfg.checkpoint_dir, cfg.config_path), compute)
+        self.signature.update(self.validation.signature())
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
         self.net = None
-        self.epoch_hooks: list = []  # hook(trainer, epoch) after each epoch is logged and saved (previews, validation)
+        # Plug-ins (validation.py, previews.py). What a hook records in the metrics log goes into the next checkpoint.
+        self.start_hooks: list = []  # hook(trainer): before the first step of this session, after the log's header
+        self.epoch_hooks: list = []  # hook(trainer, epoch): after each epoch is logged, before its checkpoint
+        self.checkpoint_hooks: list = []  # hook(trainer, folder): more files into a checkpoint folder being built
+        self.finish_hooks: list = []  # hook(trainer) -> a line for the summary ("" for none)
+        self.validation.attach(self)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self, model: Optional[torch.nn.Module] = None) -> None:
@@ -183,14 +194,16 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.metrics.start(self._header())
+        for hook in self.start_hooks:
+            hook(self)
         for epoch in range(self.start.epoch, cfg.train_epochs + 1):
             self._train_epoch(epoch, self.start if epoch == self.start.epoch else Position(epoch))
-            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
-                self.metrics.flush()
-                self.save_checkpoint(epoch)
             for hook in self.epoch_hooks:
                 self.metrics.flush()
                 hook(self, epoch)
+            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
+                self.metrics.flush()
+                self.save_checkpoint(epoch)
         self.metrics.flush()
         return self._finish()
 
@@ -264,6 +277,8 @@ class Trainer:
             export.write_lora_files(tmp, self.lora_layers, self.targets, cfg.lora_rank, cfg.lora_alpha,
                                     cfg.lora_dropout, state.lora_file, metadata, cfg.comfy_dtype)
             state.save(tmp)
+            for hook in self.checkpoint_hooks:
+                hook(self, tmp)
         if published is not None:
             export.publish(os.path.join(directory, state.lora_file), published)
         return directory
@@ -277,7 +292,8 @@ class Trainer:
         adapter = os.path.join(final_dir, "adapter")
         summary = (f"done: {cfg.train_epochs} epochs, {self.global_step} steps in "
                    f"{format_seconds(time.time() - self.metrics.started)}; final loss {final_loss:.5f}\n"
-                   + export.files_text(adapter, comfy_path, self.epoch_loras, cfg.loras_dir))
+                   + export.files_text(adapter, comfy_path, self.epoch_loras, cfg.loras_dir)
+                   + "".join(f"\n{line}" for line in (hook(self) for hook in self.finish_hooks) if line))
         self.metrics.lines.append(summary)
         log.info(summary)
         return TrainResult(cfg.output_dir, adapter, comfy_path, cfg.train_epochs, self.global_step, final_loss,
@@ -313,6 +329,8 @@ def train_lora(cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], No
     both are switched back on for the whole run (including loading the data and the model)."""
     with torch.inference_mode(False), torch.enable_grad():
         trainer = Trainer(cfg, progress, cancel_requested)
+        if previews.enabled(cfg) and trainer.finished_dir is None:
+            previews.Previews(cfg, trainer).attach(trainer)
         try:
             return trainer.train()
         finally:

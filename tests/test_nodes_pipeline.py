@@ -135,7 +135,7 @@ def train_args(tensor_dir, ckpt, **kw):
     args = dict(tensor_dir=tensor_dir, checkpoint_dir=ckpt, config_path="acestep-v15-turbo", output_dir="runs/mylora",
                 lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-3, train_epochs=3, batch_size=1,
                 gradient_accumulation=1, save_every_n_epochs=2, seed=1, resume_from="",
-                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", unique_id="7")
+                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", unique_id="7", preview_every_n_epochs=0)
     args.update(kw)
     return args
 

@@ -196,7 +196,8 @@ def test_a_new_option_is_one_field():
 
     group = options.table(WithCompile)
     widgets = options.node_inputs(group, defaults={"checkpoint_dir": "c"})
-    assert list(widgets["optional"])[-2:] == ["device", "compile"]
+    assert list(widgets["optional"]) == [o.name for o in options.node_order(TRAIN) if o.node == options.OPTIONAL] + [
+        "compile"]
     assert widgets["optional"]["compile"] == ("BOOLEAN", {"default": False, "advanced": True,
                                                           "tooltip": "Compile the decoder with torch.compile."})
     parser = argparse.ArgumentParser()
@@ -218,7 +219,8 @@ def test_advanced_options():
     epochs, batch, checkpoints, seed and resume (Train), and the folders, model, tag and length (Prepare)."""
     assert [o.name for o in options.node_order(TRAIN) if o.advanced] == [
         "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout", "gradient_checkpointing",
-        "warmup_steps", "max_grad_norm", "trigger_tag", "device"]
+        "warmup_steps", "max_grad_norm", "trigger_tag", "device", "preview_count", "preview_seconds", "preview_seed",
+        "validation_every_n_epochs"]
     assert [o.name for o in options.node_order(PREPARE) if o.advanced] == ["device", "long_audio", "detect_bpm"]
 
 
