@@ -26,7 +26,7 @@ from . import comfy
 from .prepare import PrepareTrainingData, option_widgets
 from .preview import loss_chart
 
-EVENT = "acestep_lora.training"  # its message: ProgressEvent.message(node=..., output_dir=...), previews playable
+EVENT = "acestep_lora.training"  # ProgressEvent.message(node=..., output_dir=..., started=...), previews playable
 PREVIEW_FOLDER = "acestep_lora"  # inside ComfyUI's temp folder
 PREVIEW_EVERY_SECONDS = 2.0
 log = logging.getLogger("acestep_lora.nodes")
@@ -79,8 +79,9 @@ class LiveProgress:
             self.run["previews"] = merge(self.run["previews"], sets, lambda p: p["step"])
             # what routes.py summarises
             self.run.update({k: v for k, v in vars(event).items() if k not in ("points", "validation", "previews")})
-            comfy.send_event(EVENT, dict(event.message(node=self.node_id, output_dir=self.output_dir),
-                                         previews=sets))
+            # started: which run of this node (the chart starts afresh on another one)
+            comfy.send_event(EVENT, dict(event.message(node=self.node_id, output_dir=self.output_dir,
+                                                       started=self.run["started"]), previews=sets))
             if event.points and (time.time() - self.last_preview >= PREVIEW_EVERY_SECONDS
                                  or event.step == event.total_steps):
                 preview = loss_chart(self.run["points"], event.message(), self.run["validation"])
