@@ -164,7 +164,7 @@ class LossChart {
       label.title = pick.set.captions?.[i] ?? "";
       const audio = document.createElement("audio");
       audio.controls = true;
-      audio.preload = "none";
+      audio.preload = "metadata"; // shows each clip's length; the clip itself loads on play
       audio.src = api.apiURL(viewPath(ref, bust));
       audio.title = `${this.labels.clip} ${i + 1}: ${pick.set.captions?.[i] ?? ref.filename}`;
       Object.assign(audio.style, { flex: "1 1 auto", height: `${PLAYER_ROW - 4}px`, minWidth: "0" });

@@ -310,13 +310,17 @@ export function applyHistory(state, data) {
   const lastKnown = state.points.length ? state.points[state.points.length - 1][0] : -Infinity;
   const wsAhead = continuing && !(isNum(data.step) && data.step >= lastKnown);
   const info = wsAhead ? { ...state.info } : { ...pickInfo(data), done: Boolean(data.done) };
-  const incremental = data.since != null && sameRun;
-  const validation = incremental
-    ? supersede(state.validation ?? [], cleanValidation(data.validation), (v) => v[0])
-    : cleanValidation(data.validation);
-  const previews = incremental
-    ? supersede(state.previews ?? [], cleanPreviews(data.previews), (p) => p.step)
-    : cleanPreviews(data.previews);
+  let validation = cleanValidation(data.validation);
+  let previews = cleanPreviews(data.previews);
+  if (data.since != null && sameRun) {
+    validation = supersede(state.validation ?? [], validation, (v) => v[0]);
+    previews = supersede(state.previews ?? [], previews, (p) => p.step);
+  } else if (continuing) { // the websocket may have brought newer ones than the answer
+    const last = Math.max(-Infinity, ...cleanPoints(data.points).map((p) => p[0]), ...validation.map((v) => v[0]),
+      ...previews.map((p) => p.step));
+    validation = validation.concat((state.validation ?? []).filter((v) => v[0] > last));
+    previews = previews.concat((state.previews ?? []).filter((p) => p.step > last));
+  }
   return { points, info, started: data.started ?? state.started, validation, previews };
 }
 
@@ -324,7 +328,10 @@ export function applyHistory(state, data) {
 export function planFetch(state, run) {
   if (!run) return { fetch: false, since: null };
   const sameRun = state.started !== null && run.started != null && state.started === run.started;
-  if (!sameRun || state.points.length === 0) return { fetch: (run.num_points ?? 1) > 0, since: null };
+  // a run's history starts at step 1: points from a later step came by websocket only (a page opened mid-run)
+  if (!sameRun || state.points.length === 0 || state.points[0][0] > 1) {
+    return { fetch: (run.num_points ?? 1) > 0, since: null };
+  }
   const last = state.points[state.points.length - 1][0];
   const behind = isNum(run.step) && run.step > last;
   const doneChanged = Boolean(run.done) !== Boolean(state.info.done);

@@ -297,3 +297,16 @@ test("layoutChart: validation is a second series inside the y range, preview epo
   assert.equal(early.validation.length, 1);
   assert.equal(early.last, null);
 });
+
+test("a page opened mid-run: the websocket's first message (with the run's start) still gets the whole history", () => {
+  let s = core.applyMessage(core.initialState(), { started: 9, points: [[94, 0.5, 0]], step: 94, total_steps: 200,
+    validation: [[94, 0.6, 10]] });
+  assert.deepEqual(core.planFetch(s, { started: 9, step: 94, num_points: 94 }), { fetch: true, since: null });
+  const points = Array.from({ length: 94 }, (_, i) => [i + 1, 1, 0]);
+  s = core.applyHistory(s, { started: 9, since: null, step: 93, points: points.slice(0, 93),
+    validation: [[0, 1, 0], [60, 0.7, 6]], previews: [set(0, 0, true)] });
+  assert.deepEqual([s.points[0][0], s.points.length], [1, 94]);
+  assert.deepEqual(s.validation, [[0, 1, 0], [60, 0.7, 6], [94, 0.6, 10]], "the websocket's newer one kept");
+  assert.deepEqual(s.previews.map(core.previewKey), ["base"]);
+  assert.equal(core.planFetch(s, { started: 9, step: 94, num_points: 94 }).fetch, false);
+});

@@ -329,7 +329,7 @@ test("validation losses and preview sets are drawn, and the player plays the new
   const started = FIXTURE.event.started;
   assert.deepEqual(p.audios.map((a) => a.src), [1, 2].map((i) =>
     `/api/view?filename=epoch_2_${i}.flac&subfolder=acestep_lora%2F7&type=temp&rand=${started}`));
-  assert.ok(p.audios.every((a) => a.controls && a.preload === "none"));
+  assert.ok(p.audios.every((a) => a.controls && a.preload === "metadata"));
   assert.match(p.audios[0].title, /dreamy lofi piano/);
   assert.equal(node.widgets[1].options.getMinHeight(), minBefore + 24 + 2 * 30, "room for the player");
   // A/B: choose the reference; a later message does not rebuild (or switch) the player while it plays
