@@ -203,12 +203,12 @@ class Validation:
         epochs, and best/; the split saved in every checkpoint."""
         if self.note:
             trainer.start_hooks.append(lambda t: (t.metrics.lines.append(self.note), log.info(self.note)))
+            trainer.finish_hooks.append(self.finish)
         if self.cfg.validation_split > 0:
             trainer.checkpoint_hooks.append(self.save_state)
         if self.keys:
             trainer.start_hooks.append(self.start)
             trainer.epoch_hooks.append(self.after_epoch)
-            trainer.finish_hooks.append(self.finish)
 
     # -- the loss ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -278,11 +278,11 @@ class Validation:
             "trained": self.trained_keys})
 
     def finish(self, trainer) -> str:
-        """The summary's line; best/'s ComfyUI file published beside the periodic ones."""
-        info = best_info(self.cfg.output_dir)
+        """The summary's lines (the split, best/); best/'s ComfyUI file published beside the periodic ones."""
+        info = best_info(self.cfg.output_dir) if self.keys else None
         if info is None:
-            return ""
-        text = (f"best epoch {info['epoch']} (validation loss {info['validation_loss']:.5f} on "
+            return self.note
+        text = (f"{self.note}\nbest epoch {info['epoch']} (validation loss {info['validation_loss']:.5f} on "
                 f"{plural(len(self.keys), 'held-out sample')}): {os.path.join(self.cfg.output_dir, BEST_DIR)}")
         if self.cfg.loras_dir:
             target = unique_path(os.path.join(self.cfg.loras_dir, trainer.lora_name), "best", same_run=trainer.run_id)

@@ -16,4 +16,5 @@ export PYTHONUNBUFFERED=1
 "$PY" bench/train_step.py --steps 30 --record 2>&1 | tee "$OUT/train_step.txt"
 "$PY" bench/prepare_speed.py --record 2>&1 | tee "$OUT/prepare_speed.txt"
 "$PY" bench/op_count.py 2>&1 | tee "$OUT/op_count.txt"
+"$PY" bench/preview_overhead.py --record 2>&1 | tee "$OUT/preview_overhead.txt"
 cp bench/RESULTS.md "$OUT/RESULTS.md"

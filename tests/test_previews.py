@@ -156,3 +156,17 @@ def test_no_text_encoder_says_how_to_train_without_previews(tiny_ckpt, five, tmp
     with pytest.raises(FileNotFoundError, match="preview_every_n_epochs to 0"):
         train_lora(config(str(ckpt), five, tmp_path / "run"))
     train_lora(config(str(ckpt), five, tmp_path / "run2", train_epochs=1, preview_every_n_epochs=0))
+
+
+def test_cancel_while_rendering_stops_the_previews_then_training(tiny_ckpt, five, tmp_path):
+    """Cancel pressed while a preview set renders: that set is dropped (said in the log), and training stops at
+    its next step with a resumable checkpoint, as it always does."""
+    pressed = [False]
+    with pytest.raises(TrainingCancelled):
+        train_lora(config(tiny_ckpt, five, tmp_path, train_epochs=3, preview_every_n_epochs=1),
+                   progress=lambda e: pressed.__setitem__(0, pressed[0] or e.step >= 5),  # epoch 1's last step
+                   cancel_requested=lambda: pressed[0])
+    notes = [e["note"] for e in lines(tmp_path) if "note" in e]
+    assert notes == ["previews epoch_1 stopped by Cancel"], notes
+    assert not (tmp_path / "previews" / "epoch_1").exists()
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["cancelled_epoch_2_step_5"]
