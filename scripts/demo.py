@@ -85,7 +85,8 @@ def run():
     # 4. LoRA Train (a new run folder each time; resume_from='latest' would continue one instead).
     run_dir = f"demo/runs/demo_{time.strftime('%Y%m%d_%H%M%S')}"
     trained = nodes["ACEStepLoRA_Train"]().train(
-        tensor_dir, ckpt, "acestep-v15-turbo", run_dir, lora_rank=8 if not real else 64,
+        tensor_dir=tensor_dir, checkpoint_dir=ckpt, config_path="acestep-v15-turbo", output_dir=run_dir,
+        lora_rank=8 if not real else 64,
         lora_alpha=16 if not real else 128, lora_dropout=0.0, learning_rate=1e-3 if not real else 3e-4,
         train_epochs=epochs, batch_size=2, gradient_accumulation=1, save_every_n_epochs=max(1, epochs // 2),
         seed=42, resume_from="", target_modules="q_proj,k_proj,v_proj,o_proj",
