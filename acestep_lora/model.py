@@ -8,8 +8,10 @@ official decoder (and vice versa).
 Semantics kept from the official model on purpose:
 - attention is bidirectional everywhere; even layers use a |i - j| <= sliding_window band (spec §2.2);
 - the DiT ignores ``attention_mask`` / ``encoder_attention_mask`` (the official forward discards them). Training
-  may opt in to key-padding masks with ``mask_padding=True`` so a padded batch computes exactly what each sample
-  computes alone;
+  may opt in to key-padding with ``mask_padding=True`` (prefix masks, or per-sample lengths) so a padded batch
+  computes exactly what each sample computes alone;
+- attention runs on a fused kernel on CUDA (flash with native window, GQA and lengths, or memory-efficient), the
+  official SDPA form elsewhere (acestep_lora/attention.py);
 - the timestep is scaled by 1000 in the timestep tensor's own dtype, as the official code does (bf16 rounding
   included when the trainer passes bf16 timesteps, as the official trainer and inference do).
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import AttentionPlan, attention_bias, choose_backend, lengths_from_mask  # noqa: F401
 from .config import AceStepConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,38 +62,17 @@ class MLP(nn.Module):
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables [L, head_dim] for positions 0..L-1 (Qwen3 default rope, computed in fp32)."""
+    """RoPE tables [L, 1, head_dim] for positions 0..L-1 (Qwen3 default rope, computed in fp32), for [B, L, H, D]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, heads, L, D] with cos/sin [L, D]."""
+    """Rotate-half RoPE on x [B, L, heads, D] with cos/sin [L, 1, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def attention_bias(query_len: int, key_len: int, window: Optional[int], key_mask: Optional[torch.Tensor],
-                   dtype: torch.dtype, device) -> Optional[torch.Tensor]:
-    """Additive attention mask [B|1, 1, Lq, Lk]: 0 where attended, dtype-min where not.
-
-    ``window`` keeps |i - j| <= window (bidirectional band); ``key_mask`` [B, Lk] (1 = valid) masks padded keys.
-    The dtype-min fill (not -inf) matches the official masks: a query whose keys are all masked averages
-    uniformly over every key instead of producing NaN.
-    """
-    if window is None and key_mask is None:
-        return None
-    valid = torch.ones(1, 1, query_len, key_len, dtype=torch.bool, device=device)
-    if window is not None:
-        pos_q = torch.arange(query_len, device=device)
-        pos_k = torch.arange(key_len, device=device)
-        valid = valid & ((pos_q[:, None] - pos_k[None, :]).abs() <= window)
-    if key_mask is not None:
-        valid = valid & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    bias = torch.zeros(valid.shape, dtype=dtype, device=device)
-    return bias.masked_fill_(~valid, torch.finfo(dtype).min)
 
 
 class Attention(nn.Module):
@@ -109,22 +91,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None, context: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: AttentionPlan, rope: Optional[tuple] = None,
+                context: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
         b, lq, _ = x.shape
         source = x if context is None else context
         lk = source.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, lq, -1, self.head_dim)).transpose(1, 2)  # (B, Hq, Lq, D)
-        k = self.k_norm(self.k_proj(source).view(b, lk, -1, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
-        v = self.v_proj(source).view(b, lk, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, lq, -1, self.head_dim))  # (B, Lq, Hq, D)
+        k = self.k_norm(self.k_proj(source).view(b, lk, -1, self.head_dim))  # (B, Lk, Hkv, D)
+        v = self.v_proj(source).view(b, lk, -1, self.head_dim)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, lq, -1))  # (B, Lq, Hq*D) -> (B, Lq, H)
+        out = attend(q, k, v, window)  # (B, Lq, Hq, D)
+        return self.o_proj(out.reshape(b, lq, -1))  # (B, Lq, Hq*D) -> (B, Lq, H)
 
 
 class EncoderLayer(nn.Module):
@@ -138,8 +117,8 @@ class EncoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, rope: tuple, masks: dict) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope=rope, mask=masks[self.window])
+    def forward(self, h: torch.Tensor, rope: tuple, attend: AttentionPlan) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), attend, rope=rope, window=self.window)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -156,12 +135,14 @@ class EncoderStack(nn.Module):
         self.max_layers = num_layers
 
     def run_layers(self, h: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        seq_len = h.shape[1]
+        """``key_mask`` [B, L]: 1 for valid tokens, in any pattern (the lyric mask)."""
+        batch, seq_len = h.shape[:2]
         rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
-        masks = {w: attention_bias(seq_len, seq_len, w, key_mask, h.dtype, h.device)
-                 for w in {layer.window for layer in self.layers}}
+        attend = AttentionPlan(choose_backend(h.device, h.dtype), batch, seq_len, seq_len, dtype=h.dtype,
+                               device=h.device, windows=[layer.window for layer in self.layers],
+                               key_valid=None if key_mask is None else key_mask.to(device=h.device, dtype=torch.bool))
         for layer in self.layers[: self.max_layers]:
-            h = layer(h, rope, masks)
+            h = layer(h, rope, attend)
         return self.norm(h)
 
 
@@ -371,11 +352,11 @@ class DiTLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, cfg.hidden_size))
 
-    def forward(self, h, rope, temb6, context, self_masks: dict, cross_mask):
+    def forward(self, h, rope, temb6, context, self_attend: AttentionPlan, cross_attend: AttentionPlan):
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb6).chunk(6, dim=1)
         x = (self.self_attn_norm(h) * (1 + scale) + shift).type_as(h)
-        h = (h + self.self_attn(x, rope=rope, mask=self_masks[self.window]) * gate).type_as(h)
-        h = h + self.cross_attn(self.cross_attn_norm(h).type_as(h), context=context, mask=cross_mask)
+        h = (h + self.self_attn(x, self_attend, rope=rope, window=self.window) * gate).type_as(h)
+        h = h + self.cross_attn(self.cross_attn_norm(h).type_as(h), cross_attend, context=context)
         x = (self.mlp_norm(h) * (1 + c_scale) + c_shift).type_as(h)
         return (h + self.mlp(x) * c_gate).type_as(h)
 
@@ -401,13 +382,19 @@ class DiT(nn.Module):
                                       Transpose())
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, h))
         self.gradient_checkpointing = False
+        self.attention_backend = "auto"  # or one of attention.BACKENDS, e.g. to compare them
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, timestep_r: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, encoder_hidden_states: torch.Tensor = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None, context_latents: torch.Tensor = None,
-                mask_padding: bool = False, **unused):
+                mask_padding: bool = False, frame_lengths: Optional[torch.Tensor] = None,
+                encoder_lengths: Optional[torch.Tensor] = None, **unused):
         """hidden_states [B, T, 64] noisy latents, context_latents [B, T, 128], encoder_hidden_states [B, L, Hc].
 
+        Padding (only with ``mask_padding=True``, as the official decoder ignores both masks): ``attention_mask``
+        [B, T] and ``encoder_attention_mask`` [B, L] are prefix masks (valid first, as data.collate and the
+        condition encoder make them); ``frame_lengths`` / ``encoder_lengths`` [B] (valid frames / tokens per
+        sample) may be given instead of the masks.
         Returns ``(velocity [B, T, 64], None)`` like the official decoder (second item: its unused KV cache).
         """
         temb_t, proj_t = self.time_embed(timestep)
@@ -422,23 +409,32 @@ class DiT(nn.Module):
         x = self.proj_in(x)  # (B, T/2, H)
         context = self.condition_embedder(encoder_hidden_states)
 
-        seq_len, device = x.shape[1], x.device
+        batch, seq_len, device = x.shape[0], x.shape[1], x.device
         rope = rotary_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta, device, x.dtype)
-        key_mask = cross_mask = None
         if mask_padding:
-            if attention_mask is not None:
-                frame_mask = F.pad(attention_mask.float(), (0, pad))
-                key_mask = frame_mask.view(frame_mask.shape[0], -1, self.patch_size).amax(-1) > 0  # (B, T/2)
-            if encoder_attention_mask is not None:
-                cross_mask = attention_bias(seq_len, context.shape[1], None, encoder_attention_mask, x.dtype, device)
-        self_masks = {w: attention_bias(seq_len, seq_len, w, key_mask, x.dtype, device)
-                      for w in {layer.window for layer in self.layers}}
+            if frame_lengths is None and attention_mask is not None:
+                frame_lengths = lengths_from_mask(attention_mask, self.patch_size)
+            elif frame_lengths is not None:
+                frame_lengths = (torch.as_tensor(frame_lengths, device=device) + self.patch_size - 1) // self.patch_size
+            if encoder_lengths is None and encoder_attention_mask is not None:
+                encoder_lengths = lengths_from_mask(encoder_attention_mask)
+            elif encoder_lengths is not None:
+                encoder_lengths = torch.as_tensor(encoder_lengths, device=device)
+        else:
+            frame_lengths = encoder_lengths = None
+        # Built once per forward (lengths, cumulative sequence lengths or masks), used by all layers.
+        backend = self.attention_backend if self.attention_backend != "auto" else choose_backend(device, x.dtype)
+        self_attend = AttentionPlan(backend, batch, seq_len, seq_len, dtype=x.dtype, device=device,
+                                    key_lengths=frame_lengths, query_lengths=frame_lengths,
+                                    windows=[layer.window for layer in self.layers])
+        cross_attend = AttentionPlan(backend, batch, seq_len, context.shape[1], dtype=x.dtype, device=device,
+                                     key_lengths=encoder_lengths)
 
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, temb6, context, self_masks, cross_mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, temb6, context, self_attend, cross_attend, use_reentrant=False)
             else:
-                x = layer(x, rope, temb6, context, self_masks, cross_mask)
+                x = layer(x, rope, temb6, context, self_attend, cross_attend)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)
