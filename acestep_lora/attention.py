@@ -110,6 +110,12 @@ def flash_kernel(q, k, v, cu_q, cu_k, max_q: int, max_k: int, window: Optional[i
                                                    window_size_left=window, window_size_right=window)[0]
 
 
+def efficient_kernel(q, k, v, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """torch's memory-efficient attention on [B, H, L, D] views with equal head counts; differentiable."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, needs_grad)[0]
+
+
 def _segments(lengths: Optional[torch.Tensor], full: int, batch: int, device) -> torch.Tensor:
     """Per sample (valid prefix, padded tail) lengths, interleaved: [2B] int32."""
     if lengths is None:
@@ -181,7 +187,4 @@ class AttentionPlan:
             v = v[:, :, :, None].expand(b, lk, hkv, groups, d).reshape(b, lk, hq, d)
         if bias is not None:
             bias = bias.expand(b, hq, lq, lk)
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, needs_grad)[0]
-        return out.transpose(1, 2)
+        return efficient_kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
