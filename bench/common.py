@@ -262,6 +262,11 @@ class CudaDispatch(torch.overrides.TorchFunctionMode):
             return torch.ops.aten.native_dropout(x, p, True)[0]
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
+        if func is torch.Tensor.backward:
+            tensor, gradient = args[0], args[1] if len(args) > 1 else kwargs.get("gradient")
+            with self:  # a mode is off while its handler runs: keep it on for checkpointing's recomputation
+                return torch.autograd.backward(tensor, gradient, kwargs.get("retain_graph"),
+                                               kwargs.get("create_graph", False), inputs=kwargs.get("inputs"))
         name = getattr(func, "__name__", "")
         if torch.is_autocast_enabled("cpu") and name in CUDA_FP32_FUNCTIONS | CUDA_FP32_REDUCTIONS:
             low = (torch.bfloat16, torch.float16)
