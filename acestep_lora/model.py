@@ -96,11 +96,69 @@ def cast_adapters(modules: list, dtype: Optional[torch.dtype]) -> dict:
     return out
 
 
+# F.dropout runs ``native_dropout`` (one kernel, a bool mask) on these devices and a bernoulli noise tensor elsewhere.
+NATIVE_DROPOUT_DEVICES = ("cuda", "xpu")
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.dropout(x, p), what redoes it): the same values and random draws as F.dropout on every device."""
+    if x.device.type in NATIVE_DROPOUT_DEVICES:
+        return torch.ops.aten.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise
+
+
+def _redo_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    if keep.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(x, keep, 1 / (1 - p))
+    return x * keep
+
+
+class _DroppedDown(torch.autograd.Function):
+    """h = dropout(x) @ a^T keeping x and the dropout mask for backward, not the dropped copy of x: x is usually
+    kept anyway (the attention output for o_proj; one x for q, k and v), the bool mask is half its size."""
+
+    @staticmethod
+    def forward(ctx, x, a, p):
+        dropped, keep = _dropout(x, p)
+        ctx.p = p
+        ctx.save_for_backward(x, keep, a)
+        return F.linear(dropped, a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, a = ctx.saved_tensors
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[1]:
+            dropped = _redo_dropout(x, keep, ctx.p)
+            grad_a = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _redo_dropout(grad @ a, keep, ctx.p)
+        return grad_x, grad_a, None
+
+
 def lora_update(y: torch.Tensor, x: torch.Tensor, module: nn.Module, a: torch.Tensor, scaled_b: torch.Tensor):
     """y + (alpha / r) · B A dropout(x): lora.LoRALinear's formula (PEFT's), with the step's cast, pre-scaled B."""
-    h = F.dropout(x, module.dropout, module.training) if module.dropout > 0 else x
-    h = F.linear(h, a)  # (..., r)
+    if module.dropout > 0 and module.training:
+        h = _DroppedDown.apply(x, a, module.dropout)
+    else:
+        h = F.linear(x, a)  # (..., r)
     return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_b.t()).view(y.shape)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) · up, keeping gate and up (not also silu(gate)) for backward: one [N, intermediate] tensor less
+    per layer, for one silu kernel more in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 def _fuse_weights(linears: list) -> torch.Tensor:
@@ -176,7 +234,7 @@ class MLP(SharedInput):
 
     def forward(self, x: torch.Tensor, adapters: Optional[dict] = None) -> torch.Tensor:
         gate, up = self.project(x, self.fused_names, adapters)
-        return self.project(F.silu(gate) * up, ("down_proj",), adapters)[0]
+        return self.project(_SwiGLU.apply(gate, up), ("down_proj",), adapters)[0]
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,7 +610,7 @@ class DiT(nn.Module):
         pad = (-frames) % self.patch_size
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        x = self.proj_in(x)  # (B, T/2, H)
+        x = self.proj_in(x).contiguous()  # (B, T/2, H); a transposed residual stream would cost a copy per norm
         context = self.condition_embedder(encoder_hidden_states)
 
         batch, seq_len, device = x.shape[0], x.shape[1], x.device

@@ -182,7 +182,8 @@ def dump_json(path: str, obj) -> None:
 # launches, what the CUDA step would:
 # - autocast: CPU autocast already casts matmuls/convs/SDPA to bf16 like CUDA autocast; CUDA autocast also runs
 #   the functions below in fp32 (ATen autocast_mode.cpp, CUDA "fp32" and "fp32_set_opt_dtype" lists);
-# - dropout: CUDA runs ``native_dropout`` (one kernel, a bool mask kept for backward), CPU a bernoulli + div + mul;
+# - dropout: CUDA runs ``native_dropout`` (one kernel, a bool mask kept for backward), CPU a bernoulli + div + mul
+#   (F.dropout, and acestep_lora.model's own dropout through NATIVE_DROPOUT_DEVICES);
 # - rms_norm: CUDA runs ``_fused_rms_norm`` (one kernel, keeps input and fp32 rstd), CPU a decomposition;
 # - scaled_dot_product_attention: the backend is named ("flash", "efficient", "math", or "auto" = what torch 2.9.1
 #   with its bundled cuDNN 9.8 picks on an A100/H100: flash if there is no mask, else efficient if the head counts
@@ -206,8 +207,10 @@ class _FusedRMSNorm(torch.autograd.Function):
         ctx.save_for_backward(x, rstd, weight)
         ctx.normalized_shape = list(normalized_shape)
         CudaDispatch.virtual_launch("_fused_rms_norm")
+        if not x.is_contiguous():  # the kernel runs on a contiguous copy of its input
+            CudaDispatch.virtual_launch("contiguous (rms_norm input)")
         dtype = x.dtype if weight is None else torch.result_type(x, weight)
-        return torch.empty_like(x, dtype=dtype)
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad):
@@ -235,10 +238,24 @@ class CudaDispatch(torch.overrides.TorchFunctionMode):
 
     def __init__(self, sdpa_backend: str = "auto"):
         super().__init__()
+        self._dropout_devices = None
         if sdpa_backend not in ("auto", "flash", "efficient", "math"):
             raise ValueError(f"sdpa_backend '{sdpa_backend}' is not auto, flash, efficient or math")
         self.sdpa_backend = sdpa_backend
         self.sdpa_choices = collections.Counter()
+
+    def __enter__(self):
+        from acestep_lora import model  # the model's own dropout takes the CUDA path (native_dropout, bool mask)
+
+        self._dropout_devices = model.NATIVE_DROPOUT_DEVICES
+        model.NATIVE_DROPOUT_DEVICES = self._dropout_devices + ("cpu",)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from acestep_lora import model
+
+        model.NATIVE_DROPOUT_DEVICES = self._dropout_devices
+        return super().__exit__(*exc)
 
     @classmethod
     def virtual_launch(cls, name: str) -> None:

@@ -96,9 +96,9 @@ class AllocationTrace(TorchDispatchMode):
         self._live = {}  # id(python storage object) -> allocation id
         self._next = 0
 
-    def alloc(self, nbytes: int) -> int:
+    def alloc(self, nbytes: int, label: str = "") -> int:
         self._next += 1
-        self.events.append(("alloc", self._next, int(nbytes)))
+        self.events.append(("alloc", self._next, int(nbytes), label))
         return self._next
 
     def free(self, aid: int) -> None:
@@ -111,21 +111,22 @@ class AllocationTrace(TorchDispatchMode):
         self._live.pop(key, None)
         self.free(aid)
 
-    def track(self, tensor: torch.Tensor) -> None:
+    def track(self, tensor: torch.Tensor, label: str = "") -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live or storage.nbytes() == 0:
             return
-        aid = self.alloc(storage.nbytes())
+        aid = self.alloc(storage.nbytes(), label)
         self._live[key] = aid
         weakref.finalize(storage, self._release, key, aid)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        temporaries = [self.alloc(n) for n in kernel_workspace(func, args)]
+        name = func.overloadpacket.__name__
+        temporaries = [self.alloc(n, name + " workspace") for n in kernel_workspace(func, args)]
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.track(t)
+                self.track(t, name)
         for aid in temporaries:
             self.free(aid)
         return out
@@ -214,18 +215,32 @@ class CachingAllocator:
         bisect.insort(pool, (size, seg, off))
 
 
-def replay(events, measure_from: str) -> dict:
-    """Peak allocated / reserved bytes from the ``measure_from`` mark on (peak stats reset there)."""
+def replay(events, measure_from: str, breakdown: bool = False) -> dict:
+    """Peak allocated / reserved bytes from the ``measure_from`` mark on (peak stats reset there); with
+    ``breakdown``, the bytes live at the peak by the op that allocated them."""
     alloc = CachingAllocator()
+    live, at_peak, measuring = {}, {}, False
     for event in events:
         if event[0] == "alloc":
+            before = alloc.peak
             alloc.malloc(event[1], event[2])
+            if breakdown:
+                live[event[1]] = (event[3], event[2])
+                if measuring and alloc.peak > before:
+                    at_peak = dict(live)
         elif event[0] == "free":
             if event[1] in alloc.blocks:
                 alloc.free(event[1])
+                live.pop(event[1], None)
         elif event[1] == measure_from:
-            alloc.peak, alloc.peak_reserved = alloc.allocated, alloc.reserved
-    return {"peak": alloc.peak, "peak_reserved": alloc.peak_reserved, "end": alloc.allocated}
+            alloc.peak, alloc.peak_reserved, measuring = alloc.allocated, alloc.reserved, True
+    result = {"peak": alloc.peak, "peak_reserved": alloc.peak_reserved, "end": alloc.allocated}
+    if breakdown:
+        by_op = collections.Counter()
+        for label, size in at_peak.values():
+            by_op[label] += size
+        result["at_peak"] = by_op
+    return result
 
 
 @contextlib.contextmanager
@@ -394,7 +409,7 @@ def official_peak(batch: int, frames: int, tokens: int = ENCODER_LENGTH, rank: i
 
 
 def our_peak(batch: int, frames, tokens: int = ENCODER_LENGTH, rank: int = 64, checkpointing: str = "off",
-             attention: str = "flash", cfg: AceStepConfig | None = None) -> dict:
+             attention: str = "flash", cfg: AceStepConfig | None = None, breakdown: bool = False) -> dict:
     """``frames``: one length for every sample, or a list (unequal lengths: a padded batch)."""
     with tempfile.TemporaryDirectory() as workdir:
         trainer = make_trainer(workdir, cfg or full_config(), batch, frames, tokens, rank,
@@ -408,7 +423,7 @@ def our_peak(batch: int, frames, tokens: int = ENCODER_LENGTH, rank: int = 64, c
             trace.mark("measure")
             train_step(trainer)
             del trainer
-    return replay(trace.events, "measure")
+    return replay(trace.events, "measure", breakdown)
 
 
 # ---------------------------------------------------------------------------------------------------------------
