@@ -456,13 +456,19 @@ def main():
         lines.append(f"| {batch} x {frames} | {measured:.2f} | {model:.2f} | {err:+.1f} % |")
         print(lines[-1], flush=True)
     if not args.check_only:
+        from acestep_lora.memory import estimate_peak_bytes
+
         backends = args.attention.split(",")
-        lines += ["", "Our step (acestep_lora.train.Trainer, full-size turbo, LoRA r=64 q/k/v/o, bf16), peak GiB:", "",
-                  "| B x T | GC | " + " | ".join(f"attention {b}" for b in backends) + " |",
-                  "|---|---|" + "---|" * len(backends)]
+        lines += ["", "Our step (acestep_lora.train.Trainer, full-size turbo, LoRA r=64 q/k/v/o, bf16), peak GiB; "
+                  "last column: acestep_lora.memory.estimate_peak_bytes (training-start estimate, flash):", "",
+                  "| B x T | GC | " + " | ".join(f"attention {b}" for b in backends) + " | estimate |",
+                  "|---|---|" + "---|" * (len(backends) + 1)]
         for label, batch, frames, gc_mode in OUR_ROWS:
             peaks = [our_peak(batch, frames, checkpointing=gc_mode, attention=b)["peak"] / GIB for b in backends]
-            lines.append(f"| {label} | {gc_mode} | " + " | ".join(f"{p:.2f}" for p in peaks) + " |")
+            longest = max(frames) if isinstance(frames, list) else frames
+            estimate = estimate_peak_bytes(full_config(), batch, longest, ENCODER_LENGTH, 64,
+                                           ["q_proj", "k_proj", "v_proj", "o_proj"], gc_mode == "on") / GIB
+            lines.append(f"| {label} | {gc_mode} | " + " | ".join(f"{p:.2f}" for p in peaks) + f" | {estimate:.2f} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
     print(text)
