@@ -247,14 +247,16 @@ class CudaDispatch(torch.overrides.TorchFunctionMode):
     def __enter__(self):
         from acestep_lora import model  # the model's own dropout takes the CUDA path (native_dropout, bool mask)
 
-        self._dropout_devices = model.NATIVE_DROPOUT_DEVICES
-        model.NATIVE_DROPOUT_DEVICES = self._dropout_devices + ("cpu",)
+        self._dropout_devices = getattr(model, "NATIVE_DROPOUT_DEVICES", None)
+        if self._dropout_devices is not None:
+            model.NATIVE_DROPOUT_DEVICES = self._dropout_devices + ("cpu",)
         return super().__enter__()
 
     def __exit__(self, *exc):
         from acestep_lora import model
 
-        model.NATIVE_DROPOUT_DEVICES = self._dropout_devices
+        if self._dropout_devices is not None:
+            model.NATIVE_DROPOUT_DEVICES = self._dropout_devices
         return super().__exit__(*exc)
 
     @classmethod

@@ -12,10 +12,15 @@ the structure of the CUDA step at a size a CPU handles in seconds.
   the kernels it launches on CUDA (``kernels_launched``: views and allocations launch none, multi-tensor-apply ops
   one per chunk of tensors, FlashAttention's backward three (+2 with GQA), ...). ``.item()``-style reads are
   counted as host syncs.
-- **compiled**: the decoder compiled by ``acestep_lora.compile`` with inductor on the CPU, the flash kernels kept
-  as opaque extern calls (a library op with the flash signature): launches = the kernel and extern calls in the
-  generated forward and backward code, plus the eager ops outside the compiled region (noise, timesteps, loss,
-  clipping, AdamW), counted as above.
+- **compiled**: the decoder compiled by ``acestep_lora.compile.CompiledDecoder`` with inductor on the CPU (C++
+  kernels where CUDA gets Triton ones: the same fusion decisions, one kernel per fused group), the flash kernels as
+  opaque extern calls (a library op with their signature), dropout as on CUDA. Launches = every kernel and extern
+  call in the generated forward code, the generated kernels of the backward code plus the extern calls it
+  dispatches, and the eager ops outside the compiled region (noise, timesteps, loss, clipping, AdamW), counted as
+  above. Compiling 24 layers on a CPU takes long, and the layers compile to the same kernels, so 1 and 2 layers
+  are compiled and the count is extrapolated linearly (launches = a + b x layers).
+  With CUDA-graph replay (``CompiledDecoder(cuda_graphs=True)``) the compiled forward and backward are one graph
+  launch each.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import argparse
 import collections
 import math
 import os
+import re
 import sys
 import tempfile
 
@@ -70,6 +76,8 @@ def kernels_launched(func, args) -> int:
         return 3 + (2 if heads_q != heads_k else 0)  # dot(do, o), the backward, dq conversion; GQA: 2 head sums
     if name in ("_efficient_attention_backward", "_scaled_dot_product_efficient_attention_backward"):
         return 2
+    if func.namespace == "acestep_bench":  # the counting stand-ins for FlashAttention (see count_compiled_layers)
+        return 1 if name == "flash_fwd" else 3 + (2 if args[1].shape[-2] != args[2].shape[-2] else 0)
     if name == "_fused_rms_norm_backward":
         return 1 + int(bool(args[5][1]))  # input grad; weight grad is a second reduction
     if name == "convolution_backward":
@@ -81,6 +89,7 @@ class LaunchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.kernels = collections.Counter()
+        self.in_compiled_backward = 0  # launched by a compiled graph's backward (its extern calls)
         self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -90,6 +99,9 @@ class LaunchCounter(TorchDispatchMode):
         n = kernels_launched(func, args)
         if n:
             self.kernels[name] += n
+            node = torch._C._current_autograd_node()
+            if node is not None and "CompiledFunction" in node.name():
+                self.in_compiled_backward += n
         return func(*args, **(kwargs or {}))
 
 
@@ -119,6 +131,118 @@ def count_eager(frames: int = 1500, layers: int = 24, rank: int = 8, batch: int 
     return counter
 
 
+_FLASH_OPS_DEFINED = False
+
+
+def _define_flash_ops():
+    """acestep_bench::flash_fwd / flash_bwd: FlashAttention's signature, no computation (counting only)."""
+    global _FLASH_OPS_DEFINED
+    if _FLASH_OPS_DEFINED:
+        return
+    _FLASH_OPS_DEFINED = True
+
+    @torch.library.custom_op("acestep_bench::flash_fwd", mutates_args=())
+    def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  window: int) -> torch.Tensor:
+        return torch.zeros_like(q)
+
+    @flash_fwd.register_fake
+    def _(q, k, v, cu_q, cu_k, window):
+        return torch.empty_like(q)
+
+    @torch.library.custom_op("acestep_bench::flash_bwd", mutates_args=())
+    def flash_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                  cu_k: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    @flash_bwd.register_fake
+    def _(grad, q, k, v, cu_q, cu_k, window):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:5])
+        ctx.window = inputs[5]
+
+    def backward(ctx, grad):
+        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        return (*flash_bwd(grad, q, k, v, cu_q, cu_k, ctx.window), None, None, None)
+
+    torch.library.register_autograd("acestep_bench::flash_fwd", backward, setup_context=setup)
+
+
+KERNEL_CALL = re.compile(r"(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+|aten\.\w+\.\w+)\(")
+
+
+def generated_calls(source: str) -> collections.Counter:
+    """Kernel and extern calls in an inductor wrapper module's ``call`` function, by kind."""
+    body = source[source.index("def call("):]
+    calls = collections.Counter()
+    for name in KERNEL_CALL.findall(body):
+        if name.startswith(("cpp_fused_", "triton_")):
+            calls["generated kernel"] += 1
+        elif name not in ("extern_kernels.alloc_from_pool",):
+            calls[name] += 1
+    return calls
+
+
+def count_compiled_layers(layers: int, frames: int = 1500, rank: int = 8, batch: int = 1):
+    """(forward calls, backward generated kernels, dispatched launches outside them) of one compiled step."""
+    import torch._inductor.codecache as codecache
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from acestep_lora import attention, model
+    from acestep_lora.compile import CompiledDecoder
+
+    _define_flash_ops()
+    saved = attention.flash_kernel, model.NATIVE_DROPOUT_DEVICES
+    attention.flash_kernel = lambda q, k, v, cu_q, cu_k, max_q, max_k, window: torch.ops.acestep_bench.flash_fwd(
+        q, k, v, cu_q, cu_k, -1 if window is None else window)
+    model.NATIVE_DROPOUT_DEVICES = saved[1] + ("cpu",)
+    torch._dynamo.reset()
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            trainer = make_trainer(workdir, tiny_config(layers), batch, frames, ENCODER_LENGTH, rank, device="cpu",
+                                   dtype=torch.bfloat16)
+            trainer._flush = lambda check=True: None
+            trainer.net.attention_backend = "flash"
+            trainer.net = compiled = CompiledDecoder(trainer.net, dtype=torch.bfloat16)
+            before = len(codecache.PyCodeCache.modules)
+            train_step(trainer)  # compiles the forward and the backward
+            sources = [open(m.__file__).read() for m in codecache.PyCodeCache.modules[before:]]
+            compiled_forward = compiled.forward
+
+            def forward_without_counting(*args):
+                with _disable_current_modes():  # the compiled forward is counted from its generated code
+                    return compiled_forward(*args)
+
+            compiled.forward = forward_without_counting
+            counter = LaunchCounter()
+            with counter:
+                train_step(trainer)
+    finally:
+        attention.flash_kernel, model.NATIVE_DROPOUT_DEVICES = saved
+        torch._dynamo.reset()
+    forward_module = next(s for s in sources if "flash_fwd" in s)
+    backward_module = next(s for s in sources if "flash_bwd" in s)
+    return generated_calls(forward_module), generated_calls(backward_module)["generated kernel"], counter
+
+
+def count_compiled(frames: int = 1500, layers: int = 24, rank: int = 8) -> dict:
+    """Launches of the compiled step at ``layers`` layers, extrapolated from 1- and 2-layer compiles."""
+    totals = {}
+    for n in (1, 2):
+        forward, backward_kernels, counter = count_compiled_layers(n, frames, rank)
+        dispatched = sum(counter.kernels.values())
+        totals[n] = {"forward": sum(forward.values()), "backward": backward_kernels + counter.in_compiled_backward,
+                     "eager": dispatched - counter.in_compiled_backward, "syncs": counter.syncs}
+    per_layer = {k: totals[2][k] - totals[1][k] for k in ("forward", "backward", "eager")}
+    result = {k: totals[1][k] + (layers - 1) * per_layer[k] for k in per_layer}
+    result["total"] = sum(result.values())
+    result["syncs"] = totals[1]["syncs"]
+    result["per layer"] = sum(per_layer.values())
+    return result
+
+
 def count_official(frames: int = 1500, layers: int = 24, rank: int = 8, batch: int = 1):
     """Launches of the official step (bench/memory_model.OfficialStep) on the same config, plus its .item()."""
     from memory_model import OfficialStep
@@ -137,6 +261,32 @@ def count_official(frames: int = 1500, layers: int = 24, rank: int = 8, batch: i
     return counter
 
 
+def profile_cuda(frames: int = 1500, layers: int = 24, rank: int = 8, steps: int = 3) -> dict:
+    """Kernels per step on a real GPU (torch.profiler's device-side events), eager and compiled: the check of the
+    dispatch model above."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from acestep_lora.compile import CompiledDecoder
+
+    results = {}
+    for mode in ("eager", "compiled"):
+        with tempfile.TemporaryDirectory() as workdir:
+            trainer = make_trainer(workdir, tiny_config(layers), 1, frames, ENCODER_LENGTH, rank, device="cuda")
+            if mode == "compiled":
+                trainer.net = CompiledDecoder(trainer.net, dtype=trainer.dtype)
+            for _ in range(3):
+                train_step(trainer)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    train_step(trainer)
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        results[mode] = len(kernels) / steps
+        torch._dynamo.reset()
+    return results
+
+
 def summary(counter: LaunchCounter, top: int = 12) -> str:
     lines = ["| kernel (ATen op) | launches |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in counter.kernels.most_common(top)]
@@ -148,7 +298,14 @@ def main():
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--official", action="store_true", help="also count the official step")
     parser.add_argument("--compiled", action="store_true", help="also count the compiled step")
+    parser.add_argument("--profile", action="store_true", help="CUDA: count the kernels of real steps instead")
     args = parser.parse_args()
+    if args.profile:
+        measured = profile_cuda()
+        model = sum(count_eager().kernels.values())
+        print(f"CUDA kernels per step, profiled ({torch.cuda.get_device_name()}; tiny width, 24 layers, 1 x 1500): "
+              f"eager {measured['eager']:.0f} (dispatch model: {model}), compiled {measured['compiled']:.0f}")
+        return
     torch.set_num_threads(1)
     rows = []
     if args.official:
@@ -158,7 +315,12 @@ def main():
     rows.append(("ours, eager", sum(c.kernels.values()), c.syncs))
     detail = summary(c)
     if args.compiled:
-        from compile_count import count_compiled  # noqa: F401  (kept separate: needs a C++ compiler)
+        compiled = count_compiled()
+        rows.append((f"ours, compiled (inductor: {compiled['forward']:,} in the forward graph, "
+                     f"{compiled['backward']:,} in the backward graph, {compiled['eager']:,} eager outside them; "
+                     f"{compiled['per layer']} per layer)", compiled["total"], compiled["syncs"]))
+        rows.append(("ours, compiled + CUDA-graph replay (each graph one launch)", compiled["eager"] + 2,
+                     compiled["syncs"]))
     lines = ["CUDA kernel launches per training step (tiny width, 24 layers, 1 x 1500, encoder 769, LoRA r=8 "
              "q/k/v/o, dropout 0.1, bf16 autocast):", "", "| step | launches | host syncs |", "|---|---|---|"]
     lines += [f"| {label} | {n:,} | {s} |" for label, n, s in rows]
