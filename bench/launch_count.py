@@ -287,6 +287,73 @@ def profile_cuda(frames: int = 1500, layers: int = 24, rank: int = 8, steps: int
     return results
 
 
+def _ablations():
+    """(change, how to undo it in the final code): each change's launches, measured by undoing it alone."""
+    import torch.nn.functional as F
+
+    from acestep_lora import model
+
+    def per_layer_modulation(self, temb6):
+        out = []
+        for layer in self.layers:  # the previous per-layer work: table + projection, then 1 + scale twice
+            mod = layer.scale_shift_table + temb6
+            mod[:, 1] += 1
+            mod[:, 4] += 1
+            out.append(mod)
+        return out
+
+    def rope_with_negation(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def unfused_norm(self, x):
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def plain_down(x, a, p):  # dropout's output kept for backward instead of x and the mask
+        return F.linear(F.dropout(x, p, True), a)
+
+    def plain_swiglu(gate, up):
+        return F.silu(gate) * up
+
+    return [
+        ("attention plans: flash with window, GQA and lengths (undone: SDPA with masks, MATH on sliding layers)",
+         None, "sdpa"),
+        ("LoRA weights cast and scaled once per step (undone: autocast casts each use and each gradient)",
+         (model, "cast_adapters", lambda modules, dtype: None), "flash"),
+        ("frozen Linears sharing an input in one GEMM: q/k/v, cross k/v, gate/up (undone: one GEMM each)",
+         (model.SharedInput, "fuse", lambda self: None), "flash"),
+        ("rms_norm with its weight in one call (undone: rms_norm, then a separate weight multiply)",
+         (model.RMSNorm, "forward", unfused_norm), "flash"),
+        ("AdaLN modulation of all layers at once (undone: per layer, table add and two 1 + scale)",
+         (model.DiT, "modulation", per_layer_modulation), "flash"),
+        ("RoPE with the rotate-half sign in the sine table (undone: a negation kernel per q and k)",
+         (model, "apply_rotary", rope_with_negation), "flash"),
+        ("memory: LoRA down-projection keeps x and a bool mask, not the dropped x (undone)",
+         (model._DroppedDown, "apply", plain_down), "flash"),
+        ("memory: SwiGLU keeps gate and up only (undone: silu(gate) kept too)",
+         (model._SwiGLU, "apply", plain_swiglu), "flash"),
+    ]
+
+
+def ablation_rows(frames: int = 1500, layers: int = 24) -> list:
+    final = sum(count_eager(frames, layers).kernels.values())
+    rows = [("final", final, 0)]
+    for label, patch, attention in _ablations():
+        saved = None
+        if patch is not None:
+            owner, name, replacement = patch
+            saved = getattr(owner, name)
+            setattr(owner, name, staticmethod(replacement) if isinstance(owner, type) and name == "apply"
+                    else replacement)
+        try:
+            undone = sum(count_eager(frames, layers, attention=attention).kernels.values())
+        finally:
+            if patch is not None:
+                setattr(owner, name, saved)
+        rows.append((label, undone, final - undone))
+    return rows
+
+
 def summary(counter: LaunchCounter, top: int = 12) -> str:
     lines = ["| kernel (ATen op) | launches |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in counter.kernels.most_common(top)]
@@ -299,7 +366,18 @@ def main():
     parser.add_argument("--official", action="store_true", help="also count the official step")
     parser.add_argument("--compiled", action="store_true", help="also count the compiled step")
     parser.add_argument("--profile", action="store_true", help="CUDA: count the kernels of real steps instead")
+    parser.add_argument("--ablations", action="store_true", help="each change's launches: the final code with it "
+                        "undone")
     args = parser.parse_args()
+    if args.ablations:
+        lines = ["| change | launches with it undone | launches it saves |", "|---|---|---|"]
+        for label, undone, saved in ablation_rows():
+            lines.append(f"| {label} | {undone:,} | {-saved:+,} |" if label != "final" else f"| final code | {undone:,} | |")
+            print(lines[-1], flush=True)
+        if args.record:
+            record(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "Kernel launches: each change undone",
+                   "python bench/launch_count.py --ablations --record", "\n".join(lines))
+        return
     if args.profile:
         measured = profile_cuda()
         model = sum(count_eager().kernels.values())

@@ -388,7 +388,8 @@ class OfficialStep:
             loss = F.mse_loss(pred, x1 - x0)
         loss = loss.float()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.decoder.parameters() if p.grad is not None], 1.0)
+        grads = [p for p in self.decoder.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, 1.0, foreach=True)  # Fabric's clip; foreach is the CUDA default
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
