@@ -292,6 +292,11 @@ def official_attention(attn, x, rope=None, context=None, mask=None):
     return attn.o_proj(out.reshape(b, lq, -1).contiguous())
 
 
+def official_mlp(mlp, x):
+    """Qwen3MLP: three separate projections, silu(gate) kept for backward."""
+    return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
 def official_4d_mask(length: int, dtype, device, window=None) -> torch.Tensor:
     """The official create_4d_mask (bidirectional, no padding): bool geometry, then an additive [1, 1, L, L]."""
     index = torch.arange(length, device=device)
@@ -306,7 +311,8 @@ def official_4d_mask(length: int, dtype, device, window=None) -> torch.Tensor:
 
 def official_decoder_forward(dit, hidden_states, timestep, timestep_r, attention_mask, encoder_hidden_states,
                              encoder_attention_mask, context_latents):
-    """AceStepDiTModel.forward in training: masks discarded, three additive masks built, the layers, the output."""
+    """AceStepDiTModel.forward in training: masks discarded, three additive masks built, the layers, the output.
+    Only parameters are taken from acestep_lora.model's modules; every computation is the official one."""
     cfg = dit.config
     temb_t, proj_t = dit.time_embed(timestep)
     temb_r, proj_r = dit.time_embed_r(timestep - timestep_r)
@@ -335,7 +341,7 @@ def official_decoder_forward(dit, hidden_states, timestep, timestep_r, attention
         x = layer.cross_attn_norm(h).type_as(h)
         h = h + official_attention(layer.cross_attn, x, context=context, mask=cross)
         x = (layer.mlp_norm(h) * (1 + c_scale) + c_shift).type_as(h)
-        h = (h + layer.mlp(x) * c_gate).type_as(h)
+        h = (h + official_mlp(layer.mlp, x) * c_gate).type_as(h)
     shift, scale = (dit.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
     h = (dit.norm_out(h) * (1 + scale) + shift).type_as(h)
     return dit.proj_out(h)[:, :frames], None
