@@ -14,6 +14,12 @@ Semantics kept from the official model on purpose:
   official SDPA form elsewhere (acestep_lora/attention.py);
 - the timestep is scaled by 1000 in the timestep tensor's own dtype, as the official code does (bf16 rounding
   included when the trainer passes bf16 timesteps, as the official trainer and inference do).
+
+Built for a fast LoRA training step (bench/launch_count.py, bench/memory_model.py): frozen Linears that read one
+input run as one GEMM (q/k/v, cross-attention k/v, gate/up; their weights become views of one tensor), layers
+adapted by acestep_lora.lora are computed here with weights cast once per step, RMSNorm is one fused call, the
+AdaLN modulation of all layers is made at once, and backward keeps dropout masks and SwiGLU inputs instead of
+copies.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionPlan, attention_bias, choose_backend, lengths_from_mask  # noqa: F401
+from .attention import AttentionPlan, choose_backend, lengths_from_mask
 from .config import AceStepConfig
 
 # ----------------------------------------------------------------------------------------------------------------
