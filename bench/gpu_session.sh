@@ -56,7 +56,7 @@ cat "$OUT/device.txt"
 run test_gpu 150 "$PY" -m pytest -q tests/test_gpu.py
 if [ "$CUDA" = 1 ]; then
   run train_step 150 "$PY" bench/train_step.py --steps "$STEPS" --warmup "$WARMUP" --mode eager --record
-  run launches 60 "$PY" bench/launch_count.py --profile
+  run launches 120 "$PY" bench/launch_count.py --profile
   run compiled 200 "$PY" bench/train_step.py --steps "$STEPS" --warmup "$WARMUP" --mode compiled,graphs \
     --rows 1x1500,1x6000 --record
 else
