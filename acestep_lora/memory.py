@@ -13,8 +13,7 @@ fit in the card's free memory without it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
@@ -23,13 +22,6 @@ from .config import AceStepConfig
 MIB = 2 ** 20
 CUBLAS_WORKSPACES = 2 * 32 * MIB  # one per thread issuing GEMMs (forward, autograd's backward); 32 MiB from sm90 on
 HEADROOM = 0.92  # fraction of the free memory a step may plan to use (fragmentation, the CUDA context's growth)
-
-
-@dataclass
-class StepShape:
-    batch: int
-    frames: int  # longest sample in the batch (latent frames, 25 per second); padded batches use the longest
-    tokens: int  # longest condition sequence in the batch
 
 
 def decoder_parameters(cfg: AceStepConfig) -> int:

@@ -35,7 +35,6 @@ import tempfile
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ENCODER_LENGTH, CudaDispatch, make_trainer, record, train_step  # noqa: E402

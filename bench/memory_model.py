@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ENCODER_LENGTH, CudaDispatch, device_name, full_config, make_trainer, record,  # noqa: E402
+from common import (ENCODER_LENGTH, CudaDispatch, full_config, make_trainer, record,  # noqa: E402
                     train_step)
 
 from acestep_lora.config import AceStepConfig  # noqa: E402
