@@ -111,5 +111,7 @@ def test_fresh_reuse_or_refuse(tmp_path, monkeypatch):
     # a newer training version never hands back a LoRA trained by the old code
     monkeypatch.setattr(run_state, "TRAINING_VERSION", run_state.TRAINING_VERSION + 1)
     newer = dict(signature, training_version=run_state.TRAINING_VERSION)
-    with pytest.raises(FileExistsError, match="training_version 1 -> 2 — this version of the pack trains differently"):
+    old = run_state.TRAINING_VERSION - 1
+    with pytest.raises(FileExistsError, match=f"training_version {old} -> {old + 1} — this version of the pack trains "
+                                              "differently"):
         plan(str(tmp_path), "", newer)
