@@ -40,10 +40,26 @@ def relative_difference(a, b):
     return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in a)
 
 
+def torchrun(root, runs, timeout=300):
+    """``runs`` (tests/distributed_worker.py) in 2 processes under torchrun; -> torchrun's exit status and output."""
+    spec = root / "spec.json"
+    spec.write_text(json.dumps({"out": str(root), "runs": runs}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(HERE, "distributed_worker.py"), str(spec)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the two-process runs hung (killed after {timeout} s):\n" + process.communicate()[0][-4000:])
+    return process.returncode, output
+
+
 @pytest.fixture(scope="module")
 def launch(tiny_ckpt, tensors, tmp_path_factory):  # noqa: F811
-    """torchrun --nproc_per_node=2: a full run, a run Ctrl-C'd in process 1 and resumed, a run whose process 1 is
-    killed (SIGKILL). Returns the folder, torchrun's exit status and output."""
+    """One torchrun launch: a full run, a run Ctrl-C'd in process 1 and resumed, a run whose process 1 is killed
+    (SIGKILL). Returns the folder, torchrun's exit status and output."""
     root = tmp_path_factory.mktemp("ddp")
     runs = [{"name": "full", "argv": argv(tiny_ckpt, tensors, root / "full")},
             {"name": "cancel", "argv": argv(tiny_ckpt, tensors, root / "cancel"),
@@ -51,19 +67,7 @@ def launch(tiny_ckpt, tensors, tmp_path_factory):  # noqa: F811
             {"name": "resume", "argv": argv(tiny_ckpt, tensors, root / "cancel", resume_from="latest")},
             {"name": "kill", "argv": argv(tiny_ckpt, tensors, root / "kill"),
              "fault": {"rank": 1, "step": 5, "signal": "SIGKILL"}}]
-    spec = root / "spec.json"
-    spec.write_text(json.dumps({"out": str(root), "runs": runs}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "distributed_worker.py"), str(spec)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail("the two-process runs hung (killed after 300 s):\n" + process.communicate()[0][-4000:])
-    return root, process.returncode, output
+    return (root, *torchrun(root, runs))
 
 
 def report(root, name, rank):
@@ -154,3 +158,24 @@ def test_one_process_alone_and_its_share():
     assert distributed.on_main(lambda x: x + 1, 1) == 2
     assert list(distributed.Processes(1, 3).share(7)) == [1, 4] and list(distributed.Processes(2, 3).share(2)) == []
     assert list(distributed.SINGLE.share(3)) == [0, 1, 2]
+
+
+def test_the_scaling_bench_measures_the_training_loop(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
+    import ddp_scaling
+
+    assert ddp_scaling.measure(str(tmp_path), 100, steps=2, warmup=1, device="cpu", rank=4) > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_train_what_one_gpu_trains(tiny_ckpt, tensors, tmp_path):  # noqa: F811
+    code, output = torchrun(tmp_path, [{"name": "gpus", "argv": argv(tiny_ckpt, tensors, tmp_path / "two",
+                                                                     device="cuda")}])
+    assert code == 0, output[-3000:]
+    assert "2 training processes joined (NCCL, cuda)" in output
+    ranks = [load_file(tmp_path / f"gpus.rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    one = train_lora(config(tiny_ckpt, tensors, tmp_path / "one", **dict(SETTINGS, device="cuda",
+                                                                        gradient_accumulation=2)))
+    # bf16 autocast, and attention's backward on a GPU is not bit-reproducible even in one process
+    assert relative_difference(adapter(tmp_path / "two" / "final"), adapter(os.path.dirname(one.adapter_dir))) < 1e-3
