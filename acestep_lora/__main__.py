@@ -69,7 +69,8 @@ class CtrlC:
 
     def requested(self) -> bool:
         if self.pressed and not self.said:  # said here, between steps: a handler's line could cut into another
-            log.info("Ctrl-C: stopping here and saving a resumable checkpoint (Ctrl-C again quits at once)")
+            log.info("stopping every process at this step and saving a resumable checkpoint" if self.several else
+                     "Ctrl-C: stopping here and saving a resumable checkpoint (Ctrl-C again quits at once)")
             self.said = True
         return self.pressed
 
