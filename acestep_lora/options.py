@@ -213,6 +213,9 @@ class TrainConfig:
         "GPU; on CPU every step).", min=1, max=10000, advanced=True))
     comfy_dtype: str = field(default="bfloat16", metadata=option(
         "Weight dtype of the ComfyUI LoRA file.", choices=COMFY_DTYPES, advanced=True))
+    dist_timeout: int = field(default=1800, metadata=option(
+        "Several processes (torchrun): seconds a process waits for the others at a step (process 0's checkpoints "
+        "and epoch hooks included) before the run stops as hung.", min=60, max=86400, advanced=True))
 
 
 @cache
