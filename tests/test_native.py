@@ -293,9 +293,20 @@ def test_stable_audio_vae_is_not_listed(tmp_path):
 # The source abstraction
 
 
-def test_official_source_identity_equals_prepare_fingerprint(tiny_ckpt):
-    from acestep_lora.prepare import checkpoint_fingerprint
+def checkpoint_fingerprint(checkpoint_dir: str, config_path: str) -> dict:
+    """Prepare's cache key of the model before sources existed (prepare.py until the nodes took ComfyUI files):
+    an official source's identity must stay equal, or every existing cache would be encoded again."""
+    from acestep_lora.checkpoint import dit_identity, folder_identity, load_config
 
+    cfg = load_config(checkpoint_dir, config_path)
+    return {"config_path": os.path.basename(os.path.normpath(config_path)), "variant": cfg.variant,
+            "is_turbo": cfg.is_turbo, "condition_width": (cfg.encoder_hidden_size or cfg.hidden_size),
+            "dit": dit_identity(checkpoint_dir, config_path),
+            "vae": folder_identity(os.path.join(checkpoint_dir, "vae")),
+            "text_encoder": folder_identity(os.path.join(checkpoint_dir, "Qwen3-Embedding-0.6B"))}
+
+
+def test_official_source_identity_equals_prepare_fingerprint(tiny_ckpt):
     source = ModelSource.official(tiny_ckpt, "acestep-v15-base")
     assert source.identity() == checkpoint_fingerprint(tiny_ckpt, "acestep-v15-base")
     assert source.variant == "base" and source.variant_origin == "config.json"
