@@ -48,7 +48,8 @@ class ModelSource:
     tokenizer_dirs: tuple = ()
     silence_latent_file: Optional[str] = None
     given_variant: Optional[str] = None
-    notes: list = field(default_factory=list)  # what was chosen automatically, for describe()
+    variant_given_where: str = "the variant input"  # Train: "Prepare's variant input", when taken from the manifest
+    auto_parts: tuple = ()  # "vae", "text_encoder": picked by vae / text_encoder = auto, for describe()
     _config: Optional[AceStepConfig] = field(default=None, repr=False)
     _silence: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -128,12 +129,13 @@ class ModelSource:
     def variant_origin(self) -> str:
         if self.kind == OFFICIAL:
             return "config.json"
-        return "chosen" if self.given_variant else "file name"
+        return self.variant_given_where if self.given_variant else "the file name"
 
     def _official_part(self, sub: str) -> Optional[str]:
+        """The official folder's vae/ or Qwen3-Embedding-0.6B/ (a ComfyUI models/vae folder is none: no config)."""
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
         path = os.path.join(root, sub) if root else None
-        return path if path and os.path.isdir(path) else None
+        return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
 
     def tokenizer_dir(self) -> Optional[str]:
         """The tokenizer folder used with a ComfyUI text-encoder file: the official one first (exact), then the
@@ -245,7 +247,7 @@ class ModelSource:
         head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
         if self.kind == OFFICIAL:
             return f"{head} from the official folder {dit_dir(self.checkpoint_dir, self.config_path)}"
-        return f"{head} from the ComfyUI file {self.dit_file} (variant '{cfg.variant}' from the {self.variant_origin})"
+        return f"{head} from the ComfyUI file {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"
 
     def describe(self) -> str:
         """Several lines saying which files are used and what was chosen or derived automatically."""
@@ -254,16 +256,22 @@ class ModelSource:
         cfg = self.config
         head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
         lines = [f"{head} from ComfyUI files:",
-                 f"  diffusion model: {self.dit_file} (variant '{cfg.variant}' from the {self.variant_origin})"]
-        official_vae, official_te = self._official_part(VAE_DIR), self._official_part(TEXT_ENCODER_DIR)
-        lines.append(f"  VAE: {self.vae_file or official_vae or 'none'}")
-        lines.append(f"  text encoder: {self.text_encoder_file or official_te or 'none'}")
+                 f"  diffusion model: {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"]
+        for label, part, file, sub in (("VAE", native.VAE, self.vae_file, VAE_DIR),
+                                       ("text encoder", native.TEXT_ENCODER, self.text_encoder_file, TEXT_ENCODER_DIR)):
+            if file:
+                how = (" (in the all-in-one file)" if file == self.dit_file else
+                       " (auto)" if part in self.auto_parts else "")
+                lines.append(f"  {label}: {file}{how}")
+            else:
+                official = self._official_part(sub)
+                lines.append(f"  {label}: {official} (auto: no {label} file found, the official folder's)"
+                             if official else f"  {label}: none")
         if self.text_encoder_file:
             lines.append(f"  tokenizer: {self.tokenizer_dir() or 'none found'}")
         lines.append("  silence latent: " + (self.silence_latent_file or
                                             "derived from the VAE (posterior mean of digital silence; the official "
                                             "folder ships it as silence_latent.pt)"))
-        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -342,14 +350,14 @@ def is_file_choice(model: str) -> bool:
     return model.startswith((DIFFUSION_MODELS + "/", CHECKPOINTS + "/")) or model.lower().endswith(native.EXTENSIONS)
 
 
-def _find(value: str, dirs: Sequence[str], what: str, base: Optional[str]) -> str:
-    """The file a dropdown entry ("vae/ace_1.5_vae.safetensors", found in ``dirs``) or a typed path (absolute, or
-    relative to ``base`` or the current folder) names."""
-    value = os.path.expanduser(value.strip())
+def _find(value: str, folders: Folders, what: str) -> str:
+    """The file a dropdown entry ("vae/ace_1.5_vae.safetensors": in ComfyUI's vae folders) or a typed path
+    (absolute, or relative to checkpoint_dir or the current folder) names."""
+    value, base = os.path.expanduser(value.strip()), folders.checkpoint_dir
     sub, _, rel = value.partition("/")
-    candidates = []
-    if sub in (DIFFUSION_MODELS, CHECKPOINTS, VAES, TEXT_ENCODERS) and rel:
-        candidates += [os.path.join(d, *rel.split("/")) for d in dirs]
+    dirs = {DIFFUSION_MODELS: folders.diffusion_models, CHECKPOINTS: folders.checkpoints, VAES: folders.vae,
+            TEXT_ENCODERS: folders.text_encoders}.get(sub, ()) if rel else ()
+    candidates = [os.path.join(d, *rel.split("/")) for d in dirs]
     if base and not os.path.isabs(value):
         candidates.append(os.path.join(base, value))
     candidates.append(value)
@@ -382,7 +390,7 @@ def comfy_tokenizer_near(path: str, levels: int = 5) -> Optional[str]:
 
 
 def resolve_choice(model: str, folders: Folders, vae: str = AUTO, text_encoder: str = AUTO,
-                   variant: Optional[str] = None) -> ModelSource:
+                   variant: Optional[str] = None, prepared: Optional[dict] = None) -> ModelSource:
     """The source Prepare and Train use, from their inputs.
 
     ``model`` (config_path): an official DiT folder name in ``folders.checkpoint_dir`` (or its absolute path); a
@@ -391,7 +399,8 @@ def resolve_choice(model: str, folders: Folders, vae: str = AUTO, text_encoder: 
     ``auto``, ``vae/<file>`` / ``text_encoders/<file>``, or a path. ``auto`` picks, in order: the part inside the
     chosen all-in-one checkpoint, Comfy-Org's file name (ace_1.5_vae / qwen_0.6b_ace15), any other recognised
     file, the official folder's part; what it picked is listed in ``describe()``. ``variant``: None or "auto"
-    (config.json, or the file name), else turbo / base / sft.
+    (config.json, or the file name), else turbo / base / sft. ``prepared``: the identity Prepare recorded
+    (manifest "checkpoint"); Train takes the variant chosen there for the same file when its name does not say.
     """
     model = (model or "").strip()
     if not model:
@@ -415,9 +424,7 @@ def resolve_choice(model: str, folders: Folders, vae: str = AUTO, text_encoder: 
             raise ValueError(f"variant '{variant}' contradicts {model}/config.json ('{source.variant}'); an official "
                              "folder says its variant itself: set variant to auto.")
         return source
-    base = folders.checkpoint_dir
-    path = _find(model, folders.diffusion_models if model.startswith(DIFFUSION_MODELS + "/") else
-                 folders.checkpoints, "config_path", base)
+    path = _find(model, folders, "config_path")
     found = native.classify_file(path)
     if found is None or found.kind not in (native.DIT, native.CHECKPOINT):
         what = f"an ACE-Step 1.5 {native.PART_NAMES[found.kind]} file" if found else \
@@ -425,34 +432,40 @@ def resolve_choice(model: str, folders: Folders, vae: str = AUTO, text_encoder: 
         raise ValueError(f"config_path '{model}' is {what}; choose a diffusion model (models/diffusion_models) "
                          "or an all-in-one checkpoint (models/checkpoints).")
     all_in_one = found.kind == native.CHECKPOINT
-    notes, parts = [], {}
-    for part, choice, preferred, dirs, label in (
-            (native.VAE, vae, native.COMFY_VAE_NAME, folders.vae, "VAE"),
-            (native.TEXT_ENCODER, text_encoder, native.COMFY_TEXT_ENCODER_NAME, folders.text_encoders,
-             "text encoder")):
+    parts = {}
+    from_prepare = variant is None and found.variant is None and bool(prepared) \
+        and prepared.get("variant") in VARIANT_FIELDS and prepared.get("dit") == file_identity(path)
+    if from_prepare:
+        variant = prepared["variant"]
+    for part, choice, preferred in ((native.VAE, vae, native.COMFY_VAE_NAME),
+                                    (native.TEXT_ENCODER, text_encoder, native.COMFY_TEXT_ENCODER_NAME)):
         if choice != AUTO:
-            parts[part] = _find(choice, dirs, _INPUT[part], base)
+            parts[part] = _find(choice, folders, _INPUT[part])
         elif all_in_one and part in found.provides:
             parts[part] = None  # the checkpoint's own
         else:
-            parts[part] = _auto_part(folders, part, preferred)
-            if parts[part]:
-                notes.append(f"{label}: auto -> {parts[part]}")
-            elif folders.checkpoint_dir and os.path.isdir(folders.checkpoint_dir):
-                notes.append(f"{label}: auto -> the official folder {folders.checkpoint_dir}")
+            parts[part] = _auto_part(folders, part, preferred)  # None: the official folder's, if any
     near = comfy_tokenizer_near(parts[native.TEXT_ENCODER] or path)
     tokenizers = list(dict.fromkeys([*folders.tokenizer_dirs, *([near] if near else [])]))
     source = ModelSource.comfy(
         diffusion_model=None if all_in_one else path, checkpoint=path if all_in_one else None,
         vae=parts[native.VAE], text_encoder=parts[native.TEXT_ENCODER], variant=variant, tokenizer=tokenizers,
         official_dir=folders.checkpoint_dir)
-    source.notes = notes
+    source.auto_parts = tuple(p for p, c in ((native.VAE, vae), (native.TEXT_ENCODER, text_encoder)) if c == AUTO)
+    if from_prepare:
+        source.variant_given_where = "Prepare's variant input (the same file)"
     return source
 
 
-def from_config(cfg, folders: Optional[Folders] = None) -> ModelSource:
+def from_config(cfg, folders: Optional[Folders] = None, prepared: Optional[dict] = None) -> ModelSource:
     """The source a ``PrepareSettings`` or ``TrainConfig`` names (Train has no vae / text_encoder: auto).
-    ``folders``: ComfyUI's model folders, for the nodes' dropdown entries; the command line gives paths instead."""
-    folders = dataclasses.replace(folders or Folders(), checkpoint_dir=cfg.checkpoint_dir or None)
+    ``folders``: ComfyUI's model folders, for the nodes' dropdown entries. Without them (the command line) the
+    checkpoint_dir's diffusion_models/, checkpoints/, vae/ and text_encoders/ are looked in, so ComfyUI's models
+    folder works as checkpoint_dir too. ``prepared``: see ``resolve_choice``."""
+    base = cfg.checkpoint_dir or None
+    if folders is None and base:  # the command line: checkpoint_dir may also be a ComfyUI models folder
+        folders = Folders(**{kind: [os.path.join(base, kind)] for kind in (DIFFUSION_MODELS, CHECKPOINTS, VAES,
+                                                                            TEXT_ENCODERS)})
+    folders = dataclasses.replace(folders or Folders(), checkpoint_dir=base)
     return resolve_choice(cfg.config_path, folders, getattr(cfg, "vae", AUTO), getattr(cfg, "text_encoder", AUTO),
-                          getattr(cfg, "variant", AUTO))
+                          getattr(cfg, "variant", AUTO), prepared)

@@ -68,9 +68,10 @@ class Trainer:
         self.cfg, self.progress, self.cancel_requested = cfg, progress, cancel_requested
         self.device = resolve_device(cfg.device)
         self.dtype = compute_dtype(self.device)
-        self.source = from_config(cfg, folders)  # official folder or ComfyUI files; folders: the nodes' dropdowns
-        self.model_cfg = self.source.config
         self.data = TensorDataset(cfg.tensor_dir)
+        # the official folder or ComfyUI's files (folders: the nodes' dropdowns), named as Prepare named it
+        self.source = from_config(cfg, folders, prepared=self.data.manifest.checkpoint)
+        self.model_cfg = self.source.config
         self.data.check_for(self.source.name, self.model_cfg.condition_width, cfg.batch_size)
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = export.lora_name_for(cfg.lora_name, cfg.output_dir)
