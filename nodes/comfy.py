@@ -86,15 +86,20 @@ def _folder_list(kind: str) -> list[str]:
 
 
 def tokenizer_dirs() -> list[str]:
-    """ComfyUI's bundled Qwen tokenizer folder, found next to its ``comfy`` package (wherever --base-directory
-    points the model folders)."""
+    """ComfyUI's bundled Qwen tokenizer folder: in its ``comfy`` package (a namespace package: ``__path__``, no
+    ``__file__``), which sits next to folder_paths.py whatever --base-directory points the model folders to."""
+    roots = []
     try:
         import comfy  # type: ignore
+
+        roots += list(getattr(comfy, "__path__", None) or [])
     except ImportError:
-        return []
-    where = getattr(comfy, "__file__", None)
-    return [os.path.join(os.path.dirname(os.path.realpath(where)), "text_encoders", "qwen25_tokenizer")] if where \
-        else []
+        pass
+    fp = _folder_paths()
+    if fp is not None and getattr(fp, "__file__", None):
+        roots.append(os.path.join(os.path.dirname(fp.__file__), "comfy"))
+    found = [os.path.join(os.path.realpath(r), "text_encoders", "qwen25_tokenizer") for r in roots]
+    return list(dict.fromkeys(found))
 
 
 def model_folders(checkpoint_dir: Optional[str] = None) -> Folders:

@@ -91,7 +91,7 @@ def install(base_dir: str) -> types.SimpleNamespace:
     mm.soft_empty_cache = lambda force=False: None
 
     comfy = types.ModuleType("comfy")
-    comfy.__file__ = os.path.join(base_dir, "comfy", "__init__.py")  # its text_encoders/qwen25_tokenizer: a test's
+    comfy.__path__ = [os.path.join(base_dir, "comfy")]  # a namespace package, as ComfyUI's (its bundled tokenizer)
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     comfy.utils, comfy.model_management = utils, mm
