@@ -608,7 +608,7 @@ class _Models:
     """VAE, text encoder and condition encoder, loaded once per run on the chosen device."""
 
     def __init__(self, settings: PrepareSettings, source: ModelSource, device: torch.device, dtype: torch.dtype):
-        self.settings, self.source, self.device, self.dtype = settings, source, device, dtype
+        self.settings, self.device, self.dtype = settings, device, dtype
         self.vae = source.load_vae(device=device, dtype=dtype, decoder=False)  # encodes only
         self.text = source.load_text_encoder(device=device, dtype=dtype)
         self.dit = source.load_dit(("encoder",), device=device, dtype=dtype)
@@ -650,7 +650,7 @@ class _Models:
                 "bpm": piece.bpm, "bpm_source": piece.bpm_source or UNKNOWN, "keyscale": src.keyscale,
                 "timesignature": src.timesignature, "language": src.language,
                 "is_instrumental": src.lyrics == INSTRUMENTAL_LYRICS, "cache_key": piece.key,
-                "config_path": self.source.name, "preprocess_version": PREPROCESS_VERSION,
+                "config_path": self.settings.config_path, "preprocess_version": PREPROCESS_VERSION,
                 "text_prompt": prompt,
             },
         }
