@@ -26,7 +26,6 @@ from typing import Callable, Optional
 import torch
 
 from . import distributed, export, lora
-from .checkpoint import dit_dir, dit_identity, load_config, load_dit
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory
 from .export import TrainResult
@@ -38,6 +37,7 @@ from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
                         continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature, seed_draws)
 from .options import TrainConfig  # declared in the option table, with its node and CLI facts
+from .source import Folders, from_config
 
 log = logging.getLogger("acestep_lora.train")
 
@@ -63,22 +63,22 @@ class Trainer:
     optimizer step began and raises TrainingCancelled."""
 
     def __init__(self, cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 cancel_requested: Optional[Callable[[], bool]] = None):
+                 cancel_requested: Optional[Callable[[], bool]] = None, folders: Optional[Folders] = None):
         check_config(cfg)
         self.cfg, self.progress, self.cancel_requested = cfg, progress, cancel_requested
         self.device, self.dist = distributed.join(cfg.device, cfg.dist_timeout)  # one process unless torchrun's
         self.dtype = compute_dtype(self.device)
-        dit_dir(cfg.checkpoint_dir, cfg.config_path)
-        self.model_cfg = load_config(cfg.checkpoint_dir, cfg.config_path)
         self.data = TensorDataset(cfg.tensor_dir)
-        self.data.check_for(cfg.config_path, self.model_cfg.encoder_hidden_size or self.model_cfg.hidden_size,
-                            cfg.batch_size)
+        # the official folder or ComfyUI's files (folders: the nodes' dropdowns), named as Prepare named it
+        self.source = from_config(cfg, folders, prepared=self.data.manifest.checkpoint)
+        self.model_cfg = self.source.config
+        self.data.check_for(self.source.name, self.model_cfg.condition_width, cfg.batch_size)
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = export.lora_name_for(cfg.lora_name, cfg.output_dir)
         self.trigger_tag = cfg.trigger_tag or self.data.manifest.metadata.custom_tag
         compute = f"{self.device.type}/{str(self.dtype).replace('torch.', '')}"
         self.signature = run_signature(cfg, self.sampling, self.data.manifest.fingerprint(),
-                                       dit_identity(cfg.checkpoint_dir, cfg.config_path), compute, self.dist.world)
+                                       self.source.dit_identity(), compute, self.dist.world)
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
         self.dist.same_everywhere({"settings": self.signature, "resume": self.resume_dir, "reuse": self.finished_dir})
@@ -97,8 +97,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if model is None:  # only what training needs: no encoder, tokenizer, VAE, LM
-            model = load_dit(cfg.checkpoint_dir, cfg.config_path, device=self.device, dtype=self.dtype,
-                             components=("decoder", "null_condition_emb"))
+            model = self.source.load_dit(("decoder", "null_condition_emb"), device=self.device, dtype=self.dtype)
         self.net = model.decoder
         self.targets = lora.parse_targets(cfg.target_modules, lora.linear_names(self.net))
         # LoRA weights (and so AdamW state) are fp32 whatever the compute dtype; the frozen base stays as loaded.
@@ -129,8 +128,9 @@ class Trainer:
         mode = self.cfg.gradient_checkpointing
         if mode != "auto":
             return mode == "on"
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory < 20 * 2 ** 30
+        if self.device.type == "cuda":  # TODO(lead): memory.choose_gradient_checkpointing (attn branch) when merged
+            limit = 32 if self.model_cfg.family == "XL" else 20  # XL, 240 s: ~22 GiB without it, ~10 GiB with it
+            return torch.cuda.get_device_properties(self.device).total_memory < limit * 2 ** 30
         return self.device.type == "mps"
 
     def _resume(self) -> None:
@@ -321,6 +321,7 @@ class Trainer:
                 "parameters" + (f", {c.batch_size * self.accum} samples per step from {self.dist.world} processes"
                                 if self.dist.world > 1 else "")
                 + (f", resumed from {self.resume_dir} at step {self.global_step}" if self.resume_dir else "")
+                + f"\nmodel: {self.source.describe_dit()}"
                 + (f"\n{self.note}" if self.note else ""))
 
     def _divergence_advice(self) -> str:
@@ -336,13 +337,13 @@ class Trainer:
 
 
 def train_lora(cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], None]] = None,
-               cancel_requested: Optional[Callable[[], bool]] = None) -> TrainResult:
+               cancel_requested: Optional[Callable[[], bool]] = None, folders: Optional[Folders] = None) -> TrainResult:
     """Train (or resume, or reuse) a LoRA; see TrainConfig. Returns where the PEFT adapter and ComfyUI file are.
 
     ComfyUI runs every node under ``torch.inference_mode()``; training needs autograd and ordinary tensors, so
     both are switched back on for the whole run (including loading the data and the model)."""
     with torch.inference_mode(False), torch.enable_grad():
-        trainer = Trainer(cfg, progress, cancel_requested)
+        trainer = Trainer(cfg, progress, cancel_requested, folders)
         try:
             return trainer.train()
         finally:
