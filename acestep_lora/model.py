@@ -8,10 +8,18 @@ official decoder (and vice versa).
 Semantics kept from the official model on purpose:
 - attention is bidirectional everywhere; even layers use a |i - j| <= sliding_window band (spec §2.2);
 - the DiT ignores ``attention_mask`` / ``encoder_attention_mask`` (the official forward discards them). Training
-  may opt in to key-padding masks with ``mask_padding=True`` so a padded batch computes exactly what each sample
-  computes alone;
+  may opt in to key-padding with ``mask_padding=True`` (prefix masks, or per-sample lengths) so a padded batch
+  computes exactly what each sample computes alone;
+- attention runs on a fused kernel on CUDA (flash with native window, GQA and lengths, or memory-efficient), the
+  official SDPA form elsewhere (acestep_lora/attention.py);
 - the timestep is scaled by 1000 in the timestep tensor's own dtype, as the official code does (bf16 rounding
   included when the trainer passes bf16 timesteps, as the official trainer and inference do).
+
+Built for a fast LoRA training step (bench/launch_count.py, bench/memory_model.py): frozen Linears that read one
+input run as one GEMM (q/k/v, cross-attention k/v, gate/up; their weights become views of one tensor), layers
+adapted by acestep_lora.lora are computed here with weights cast once per step, RMSNorm is one fused call, the
+AdaLN modulation of all layers is made at once, and backward keeps dropout masks and SwiGLU inputs instead of
+copies.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import AttentionPlan, choose_backend, lengths_from_mask
 from .config import AceStepConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -30,10 +39,12 @@ from .config import AceStepConfig
 
 
 class RMSNorm(nn.Module):
-    """Qwen3RMSNorm: normalise in fp32, cast back, then scale (no +1 offset).
+    """Qwen3RMSNorm: normalise in fp32, scale, round to the input dtype (no +1 offset).
 
-    ``F.rms_norm`` on a bf16/fp16 input computes in fp32 internally and rounds once, bit-identical to the explicit
-    ``x.float() ... .to(dtype)`` (checked), without the two separate cast kernels.
+    One ``F.rms_norm`` call with the weight: a single fused kernel on CUDA (``_fused_rms_norm``) instead of the
+    official upcast / pow / mean / rsqrt / mul / downcast / mul sequence. fp32: the same function; bf16: the
+    weight is applied before the one rounding, so a value can differ from the official double rounding by one
+    bf16 step.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -42,10 +53,182 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        if self.weight.dtype != x.dtype:  # the official promotion: fp32 weight x bf16 input -> fp32
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
 
 
-class MLP(nn.Module):
+# ----------------------------------------------------------------------------------------------------------------
+# Projections: frozen Linears that read one input share one GEMM; LoRA weights are cast once per step
+
+
+def lora_parts(module: nn.Module) -> Optional[nn.Module]:
+    """``module`` if it is a LoRA-wrapped Linear (acestep_lora.lora.LoRALinear: ``base``, ``lora_A``, ``lora_B``,
+    ``scaling``, ``dropout``), else None. Other wrappers (e.g. PEFT's) are called as they are."""
+    if isinstance(getattr(module, "base", None), nn.Linear) and isinstance(getattr(module, "lora_A", None),
+                                                                         torch.Tensor):
+        return module
+    return None
+
+
+def base_linear(module: nn.Module) -> Optional[nn.Linear]:
+    if isinstance(module, nn.Linear):
+        return module
+    return module.base if lora_parts(module) is not None else None
+
+
+def cast_adapters(modules: list, dtype: Optional[torch.dtype]) -> dict:
+    """{LoRA module: (A, scaling·B)} in ``dtype`` (None: as stored), made by one stack (+ cast, + scale) per weight
+    shape for the whole model.
+
+    Autocast would cast each fp32 LoRA weight at each use and each gradient back, and ``addmm(alpha=scaling)``
+    scales both gradients: six kernels per adapted layer and step; this is a handful for the whole model.
+    Gradients reach the fp32 weights through one stack backward (views of one gradient tensor).
+    """
+    out = {m: [None, None] for m in modules}
+    for slot, name in enumerate(("lora_A", "lora_B")):
+        groups = {}
+        for m in modules:
+            key = (tuple(getattr(m, name).shape), m.scaling if slot else None)
+            groups.setdefault(key, []).append(m)
+        for (_, scaling), members in groups.items():
+            stack = torch.stack([getattr(m, name) for m in members])
+            if dtype is not None and stack.dtype != dtype:
+                stack = stack.to(dtype)
+            if scaling is not None and scaling != 1:
+                stack = stack * scaling
+            for m, weight in zip(members, stack.unbind(0)):  # one backward node gathers all their gradients
+                out[m][slot] = weight
+    return out
+
+
+# F.dropout runs ``native_dropout`` (one kernel, a bool mask) on these devices and a bernoulli noise tensor elsewhere.
+NATIVE_DROPOUT_DEVICES = ("cuda", "xpu")
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F.dropout(x, p), what redoes it): the same values and random draws as F.dropout on every device."""
+    if x.device.type in NATIVE_DROPOUT_DEVICES:
+        return torch.ops.aten.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise
+
+
+def _redo_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    if keep.dtype == torch.bool:
+        return torch.ops.aten.native_dropout_backward(x, keep, 1 / (1 - p))
+    return x * keep
+
+
+class _DroppedDown(torch.autograd.Function):
+    """h = dropout(x) @ a^T keeping x and the dropout mask for backward, not the dropped copy of x: x is usually
+    kept anyway (the attention output for o_proj; one x for q, k and v), the bool mask is half its size."""
+
+    @staticmethod
+    def forward(ctx, x, a, p):
+        dropped, keep = _dropout(x, p)
+        ctx.p = p
+        ctx.save_for_backward(x, keep, a)
+        return F.linear(dropped, a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, a = ctx.saved_tensors
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[1]:
+            dropped = _redo_dropout(x, keep, ctx.p)
+            grad_a = grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = _redo_dropout(grad @ a, keep, ctx.p)
+        return grad_x, grad_a, None
+
+
+def lora_update(y: torch.Tensor, x: torch.Tensor, module: nn.Module, a: torch.Tensor, scaled_b: torch.Tensor):
+    """y + (alpha / r) · B A dropout(x): lora.LoRALinear's formula (PEFT's), with the step's cast, pre-scaled B."""
+    if module.dropout > 0 and module.training:
+        h = _DroppedDown.apply(x, a, module.dropout)
+    else:
+        h = F.linear(x, a)  # (..., r)
+    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_b.t()).view(y.shape)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) · up, keeping gate and up (not also silu(gate)) for backward: one [N, intermediate] tensor less
+    per layer, for one silu kernel more in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def _fuse_weights(linears: list) -> torch.Tensor:
+    """One [sum(out), in] tensor holding the weights of ``linears``; each weight becomes a view of it."""
+    with torch.no_grad():
+        fused = torch.cat([m.weight.detach() for m in linears])
+        offset = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = fused[offset:offset + rows]
+            offset += rows
+    return fused
+
+
+class SharedInput(nn.Module):
+    """A module whose Linears ``fused_names`` read the same input. With frozen weights and no biases they run as one
+    GEMM over a fused weight, each Linear's weight being a view of it (state dict and LoRA names unchanged);
+    trainable weights, biases or other wrappers fall back to one call per Linear."""
+
+    fused_names: tuple = ()
+    _fused_weight: Optional[torch.Tensor] = None
+
+    def _apply(self, fn, recurse=True):
+        self._fused_weight = None  # conversions give every weight its own storage again
+        return super()._apply(fn, recurse)
+
+    def fuse(self) -> Optional[torch.Tensor]:
+        """The fused weight of ``fused_names`` (made now if needed), or None when they cannot share a GEMM."""
+        linears = [base_linear(getattr(self, n)) for n in self.fused_names]
+        trainable = torch.is_grad_enabled() and any(m is not None and m.weight.requires_grad for m in linears)
+        if len(linears) < 2 or trainable or any(m is None or m.bias is not None for m in linears):
+            return None
+        fused = self._fused_weight
+        if torch.compiler.is_compiling():  # fused beforehand (DiT.fuse_projections), checked in eager mode
+            return fused
+        offset, valid = 0, fused is not None and fused.dtype == linears[0].weight.dtype
+        for m in linears:  # still views of it? (.to() and load_state_dict(assign=True) make new storages)
+            valid = valid and m.weight.untyped_storage()._cdata == fused.untyped_storage()._cdata \
+                and m.weight.storage_offset() == fused.storage_offset() + offset * fused.shape[1]
+            offset += m.weight.shape[0]
+        if not valid:
+            fused = self._fused_weight = _fuse_weights(linears)
+        return fused
+
+    def project(self, x: torch.Tensor, names: tuple, adapters: Optional[dict]) -> list:
+        """Outputs of the Linears (or LoRA-wrapped Linears) ``names`` on their shared input ``x``."""
+        modules = [getattr(self, n) for n in names]
+        linears = [base_linear(m) for m in modules]
+        fused = self.fuse() if names == self.fused_names else None
+        if fused is not None:
+            ys = F.linear(x, fused).split([m.out_features for m in linears], dim=-1)
+        else:
+            ys = [F.linear(x, b.weight, b.bias) if b is not None else m(x) for m, b in zip(modules, linears)]
+        out = []
+        for y, m, b in zip(ys, modules, linears):
+            lora = lora_parts(m) if b is not None else None
+            if lora is not None:
+                a, b_scaled = adapters[m] if adapters and m in adapters else (lora.lora_A, lora.lora_B * lora.scaling)
+                y = lora_update(y, x, lora, a, b_scaled)
+            out.append(y)
+        return out
+
+
+class MLP(SharedInput):
     """SwiGLU feed-forward (Qwen3MLP), no biases."""
 
     def __init__(self, cfg: AceStepConfig):
@@ -53,47 +236,33 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused_names = ("gate_proj", "up_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, adapters: Optional[dict] = None) -> torch.Tensor:
+        gate, up = self.project(x, self.fused_names, adapters)
+        return self.project(_SwiGLU.apply(gate, up), ("down_proj",), adapters)[0]
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables [L, head_dim] for positions 0..L-1 (Qwen3 default rope, computed in fp32)."""
+    """RoPE tables [L, 1, head_dim] for positions 0..L-1 (Qwen3 default rope, computed in fp32), for [B, L, H, D].
+
+    The sine table comes with the rotate-half sign folded in (first half negated): see apply_rotary.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+    sign = torch.cat([-torch.ones_like(inv_freq), torch.ones_like(inv_freq)])
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, heads, L, D] with cos/sin [L, D]."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, L, heads, D]: x·cos + cat(-x2, x1)·sin = x·cos + cat(x2, x1)·signed_sin (the
+    same values in every dtype: negation is exact), without the separate negation kernel."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos + torch.cat([x2, x1], dim=-1) * signed_sin
 
 
-def attention_bias(query_len: int, key_len: int, window: Optional[int], key_mask: Optional[torch.Tensor],
-                   dtype: torch.dtype, device) -> Optional[torch.Tensor]:
-    """Additive attention mask [B|1, 1, Lq, Lk]: 0 where attended, dtype-min where not.
-
-    ``window`` keeps |i - j| <= window (bidirectional band); ``key_mask`` [B, Lk] (1 = valid) masks padded keys.
-    The dtype-min fill (not -inf) matches the official masks: a query whose keys are all masked averages
-    uniformly over every key instead of producing NaN.
-    """
-    if window is None and key_mask is None:
-        return None
-    valid = torch.ones(1, 1, query_len, key_len, dtype=torch.bool, device=device)
-    if window is not None:
-        pos_q = torch.arange(query_len, device=device)
-        pos_k = torch.arange(key_len, device=device)
-        valid = valid & ((pos_q[:, None] - pos_k[None, :]).abs() <= window)
-    if key_mask is not None:
-        valid = valid & key_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    bias = torch.zeros(valid.shape, dtype=dtype, device=device)
-    return bias.masked_fill_(~valid, torch.finfo(dtype).min)
-
-
-class Attention(nn.Module):
+class Attention(SharedInput):
     """Multi-head attention with per-head RMSNorm on q and k, GQA, RoPE in self-attention only."""
 
     def __init__(self, cfg: AceStepConfig, is_cross_attention: bool = False):
@@ -108,23 +277,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.fused_names = ("k_proj", "v_proj") if is_cross_attention else ("q_proj", "k_proj", "v_proj")
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None, context: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: AttentionPlan, rope: Optional[tuple] = None,
+                context: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                adapters: Optional[dict] = None) -> torch.Tensor:
         b, lq, _ = x.shape
-        source = x if context is None else context
-        lk = source.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, lq, -1, self.head_dim)).transpose(1, 2)  # (B, Hq, Lq, D)
-        k = self.k_norm(self.k_proj(source).view(b, lk, -1, self.head_dim)).transpose(1, 2)  # (B, Hkv, Lk, D)
-        v = self.v_proj(source).view(b, lk, -1, self.head_dim).transpose(1, 2)
+        if context is None:  # q, k, v in one GEMM
+            q, k, v = self.project(x, self.fused_names, adapters)
+        else:  # k, v of the condition in one GEMM
+            (q,) = self.project(x, ("q_proj",), adapters)
+            k, v = self.project(context, self.fused_names, adapters)
+        lk = k.shape[1]
+        q = self.q_norm(q.view(b, lq, -1, self.head_dim))  # (B, Lq, Hq, D)
+        k = self.k_norm(k.view(b, lk, -1, self.head_dim))  # (B, Lk, Hkv, D)
+        v = v.view(b, lk, -1, self.head_dim)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, lq, -1))  # (B, Lq, Hq*D) -> (B, Lq, H)
+        out = attend(q, k, v, window)  # (B, Lq, Hq, D)
+        return self.project(out.reshape(b, lq, -1), ("o_proj",), adapters)[0]  # (B, Lq, H)
 
 
 class EncoderLayer(nn.Module):
@@ -138,8 +310,8 @@ class EncoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, rope: tuple, masks: dict) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope=rope, mask=masks[self.window])
+    def forward(self, h: torch.Tensor, rope: tuple, attend: AttentionPlan) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), attend, rope=rope, window=self.window)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -156,12 +328,14 @@ class EncoderStack(nn.Module):
         self.max_layers = num_layers
 
     def run_layers(self, h: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        seq_len = h.shape[1]
+        """``key_mask`` [B, L]: 1 for valid tokens, in any pattern (the lyric mask)."""
+        batch, seq_len = h.shape[:2]
         rope = rotary_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
-        masks = {w: attention_bias(seq_len, seq_len, w, key_mask, h.dtype, h.device)
-                 for w in {layer.window for layer in self.layers}}
+        attend = AttentionPlan(choose_backend(h.device, h.dtype), batch, seq_len, seq_len, dtype=h.dtype,
+                               device=h.device, windows=[layer.window for layer in self.layers],
+                               key_valid=None if key_mask is None else key_mask.to(device=h.device, dtype=torch.bool))
         for layer in self.layers[: self.max_layers]:
-            h = layer(h, rope, masks)
+            h = layer(h, rope, attend)
         return self.norm(h)
 
 
@@ -371,13 +545,15 @@ class DiTLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, cfg.hidden_size))
 
-    def forward(self, h, rope, temb6, context, self_masks: dict, cross_mask):
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb6).chunk(6, dim=1)
-        x = (self.self_attn_norm(h) * (1 + scale) + shift).type_as(h)
-        h = (h + self.self_attn(x, rope=rope, mask=self_masks[self.window]) * gate).type_as(h)
-        h = h + self.cross_attn(self.cross_attn_norm(h).type_as(h), context=context, mask=cross_mask)
-        x = (self.mlp_norm(h) * (1 + c_scale) + c_shift).type_as(h)
-        return (h + self.mlp(x) * c_gate).type_as(h)
+    def forward(self, h, rope, modulation, context, self_attend: AttentionPlan, cross_attend: AttentionPlan,
+                adapters: Optional[dict] = None):
+        """``modulation`` [B, 6, H]: scale_shift_table + timestep projection, 1 already added to both scales."""
+        shift, scale1, gate, c_shift, c_scale1, c_gate = modulation.chunk(6, dim=1)
+        x = (self.self_attn_norm(h) * scale1 + shift).type_as(h)  # norm·(1 + scale) + shift
+        h = (h + self.self_attn(x, self_attend, rope=rope, window=self.window, adapters=adapters) * gate).type_as(h)
+        h = h + self.cross_attn(self.cross_attn_norm(h).type_as(h), cross_attend, context=context, adapters=adapters)
+        x = (self.mlp_norm(h) * c_scale1 + c_shift).type_as(h)
+        return (h + self.mlp(x, adapters) * c_gate).type_as(h)
 
 
 class DiT(nn.Module):
@@ -401,13 +577,34 @@ class DiT(nn.Module):
                                       Transpose())
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, h))
         self.gradient_checkpointing = False
+        self.attention_backend = "auto"  # or one of attention.BACKENDS, e.g. to compare them
+
+    def fuse_projections(self) -> None:
+        """Fuse the frozen Linears that share an input now (forward does it on first use in eager mode; a compiled
+        forward needs it done before compiling)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, SharedInput):
+                    module.fuse()
+
+    def modulation(self, temb6: torch.Tensor) -> torch.Tensor:
+        """Every layer's AdaLN modulation at once: scale_shift_table + timestep projection, with 1 added to the two
+        scales (the official norm·(1+scale)+shift), (layers, B, 6, H)."""
+        mod = torch.cat([layer.scale_shift_table for layer in self.layers])[:, None] + temb6
+        mod[:, :, 1::3] += 1  # scale_msa, c_scale_msa
+        return mod
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, timestep_r: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, encoder_hidden_states: torch.Tensor = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None, context_latents: torch.Tensor = None,
-                mask_padding: bool = False, **unused):
+                mask_padding: bool = False, frame_lengths: Optional[torch.Tensor] = None,
+                encoder_lengths: Optional[torch.Tensor] = None, **unused):
         """hidden_states [B, T, 64] noisy latents, context_latents [B, T, 128], encoder_hidden_states [B, L, Hc].
 
+        Padding (only with ``mask_padding=True``, as the official decoder ignores both masks): ``attention_mask``
+        [B, T] and ``encoder_attention_mask`` [B, L] are prefix masks (valid first, as data.collate and the
+        condition encoder make them); ``frame_lengths`` / ``encoder_lengths`` [B] (valid frames / tokens per
+        sample) may be given instead of the masks.
         Returns ``(velocity [B, T, 64], None)`` like the official decoder (second item: its unused KV cache).
         """
         temb_t, proj_t = self.time_embed(timestep)
@@ -419,26 +616,40 @@ class DiT(nn.Module):
         pad = (-frames) % self.patch_size
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        x = self.proj_in(x)  # (B, T/2, H)
+        x = self.proj_in(x).contiguous()  # (B, T/2, H); a transposed residual stream would cost a copy per norm
         context = self.condition_embedder(encoder_hidden_states)
 
-        seq_len, device = x.shape[1], x.device
+        batch, seq_len, device = x.shape[0], x.shape[1], x.device
         rope = rotary_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta, device, x.dtype)
-        key_mask = cross_mask = None
         if mask_padding:
-            if attention_mask is not None:
-                frame_mask = F.pad(attention_mask.float(), (0, pad))
-                key_mask = frame_mask.view(frame_mask.shape[0], -1, self.patch_size).amax(-1) > 0  # (B, T/2)
-            if encoder_attention_mask is not None:
-                cross_mask = attention_bias(seq_len, context.shape[1], None, encoder_attention_mask, x.dtype, device)
-        self_masks = {w: attention_bias(seq_len, seq_len, w, key_mask, x.dtype, device)
-                      for w in {layer.window for layer in self.layers}}
+            if frame_lengths is None and attention_mask is not None:
+                frame_lengths = lengths_from_mask(attention_mask, self.patch_size)
+            elif frame_lengths is not None:
+                frame_lengths = (torch.as_tensor(frame_lengths, device=device) + self.patch_size - 1) // self.patch_size
+            if encoder_lengths is None and encoder_attention_mask is not None:
+                encoder_lengths = lengths_from_mask(encoder_attention_mask)
+            elif encoder_lengths is not None:
+                encoder_lengths = torch.as_tensor(encoder_lengths, device=device)
+        else:
+            frame_lengths = encoder_lengths = None
+        # Built once per forward (lengths, cumulative sequence lengths or masks), used by all layers.
+        backend = self.attention_backend if self.attention_backend != "auto" else choose_backend(device, x.dtype)
+        self_attend = AttentionPlan(backend, batch, seq_len, seq_len, dtype=x.dtype, device=device,
+                                    key_lengths=frame_lengths, query_lengths=frame_lengths,
+                                    windows=[layer.window for layer in self.layers])
+        cross_attend = AttentionPlan(backend, batch, seq_len, context.shape[1], dtype=x.dtype, device=device,
+                                     key_lengths=encoder_lengths)
 
-        for layer in self.layers:
+        modulation = self.modulation(temb6)
+        lora = [m for m in self.layers.modules() if lora_parts(m) is not None]
+        autocast = torch.is_autocast_enabled(device.type)
+        adapters = cast_adapters(lora, torch.get_autocast_dtype(device.type) if autocast else None) if lora else None
+
+        for layer, mod in zip(self.layers, modulation):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, temb6, context, self_masks, cross_mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mod, context, self_attend, cross_attend, adapters, use_reentrant=False)
             else:
-                x = layer(x, rope, temb6, context, self_masks, cross_mask)
+                x = layer(x, rope, mod, context, self_attend, cross_attend, adapters)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x) * (1 + scale) + shift).type_as(x)

@@ -14,7 +14,9 @@ epochs, and once with it off, so the musician hears what training does instead o
   (sample_latents restores train mode); noise from the sampler's own seeded generator and the global RNG states
   saved and restored around everything here, so training with previews trains the same LoRA bit for bit. The
   text encoder and condition encoder run once, before the first step, and are released; the VAE is loaded for
-  each decode (tiled) and released after it. Out of memory while rendering skips that set and says so.
+  each decode (tiled) and released after it; all from the run's model source (source.py: the official folder or
+  ComfyUI's files, XL included). Out of memory while rendering skips that set and says so.
+- Several processes (torchrun, distributed.py): process 0 alone renders and writes; see the hooks below.
 - Files: ``<run>/previews/prompts.json`` (the prompts as rendered), ``previews/base/preview_<i>.flac`` and
   ``previews/epoch_<N>/preview_<i>.flac``: 48 kHz stereo 24-bit FLAC; train_log.jsonl lines ``{"epoch", "step",
   "previews": [files relative to the run folder], "base"}``; ProgressEvent.previews entries (metrics.py).
@@ -49,6 +51,24 @@ def preview_epochs_every(cfg) -> int:
 
 def enabled(cfg) -> bool:
     return cfg.preview_every_n_epochs != 0
+
+
+def attach(trainer) -> None:
+    """Previews for a Trainer's run, when its config asks for them and the run is to train (not reused). A model
+    source without a VAE or text encoder (a diffusion-model file alone) trains without previews, and says so at
+    the start and in the summary."""
+    if not enabled(trainer.cfg) or trainer.finished_dir is not None:
+        return
+    try:
+        trainer.source.require("vae", "text_encoder")
+    except (ValueError, FileNotFoundError) as e:
+        note = (f"previews: off for this run: {e} Training needs only the diffusion model; previews also need its "
+                "VAE and text encoder (on the command line: ComfyUI's models folder as --checkpoint-dir, or the "
+                "official download).")
+        trainer.start_hooks.append(lambda t: (t.metrics.lines.append(note), log.warning(note)))
+        trainer.finish_hooks.append(lambda t: note)
+        return
+    Previews(trainer.cfg, trainer).attach(trainer)
 
 
 def parse_texts(text: str, lyrics: bool = False) -> list[str]:
@@ -149,37 +169,21 @@ class Previews:
         trainer.finish_hooks.append(self.finish)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+    # Under torchrun (distributed.py) process 0 alone encodes, renders and writes (the others wait at the next step);
+    # every process records what it shares, so the log and the checkpoints are the same everywhere, and an error in
+    # process 0 stops every process with it.
     def start(self, trainer) -> None:
         """Before the first step: encode the prompts (then free the encoders), announce the sets a resumed run has,
         render the LoRA-off reference unless it is there for these prompts."""
         for note in self.notes:
             trainer.metrics.lines.append(note)
             log.info(note)
-        with self._quiet_rng(trainer):
-            try:
-                self.conditioning = encode_prompts(self.cfg.checkpoint_dir, self.prompts, self.cfg.config_path,
-                                                   trainer.device, trainer.dtype)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"previews: {e} Previews need the text encoder and the VAE of the official "
-                                        "download; set preview_every_n_epochs to 0 to train without them.") from None
-        record = {"seed": self.cfg.preview_seed, "sampler": self.settings.describe(), "sample_rate": SAMPLE_RATE,
-                  "prompts": [prompt_record(p) for p in self.prompts]}
-        path = os.path.join(self.root, PROMPTS_FILE)
-        same = _read_json(path) == record
-        if not same:
-            atomic_write_json(path, record)
-        done = [n for n in trainer.metrics.notes if "previews" in n
-                and all(os.path.isfile(os.path.join(self.cfg.output_dir, f)) for f in n["previews"])]
-        if done:
-            trainer.metrics.announce(previews=[self._entry(n) for n in done])
-        base = [os.path.join(self.root, "base", f"preview_{i + 1}.flac") for i in range(len(self.prompts))]
-        if not (same and all(os.path.isfile(f) for f in base)):
+        kept = trainer.dist.on_main(self._prepare, trainer)
+        if kept is None:
             self.render(trainer, "base", 0, 0)
-        elif not any(n.get("base") for n in done):  # rendered by an earlier attempt in this folder: list it
-            entry = {"epoch": 0, "step": 0, "previews": [os.path.relpath(f, self.cfg.output_dir) for f in base],
-                     "base": True}
-            trainer.metrics.record(entry, f"previews of the LoRA off (base model): kept from before in "
-                                          f"{os.path.dirname(base[0])}", previews=[self._entry(entry)])
+        elif kept:  # rendered by an earlier attempt in this folder: listed now
+            trainer.metrics.record(kept, f"previews of the LoRA off (base model): kept from before in "
+                                         f"{os.path.join(self.root, 'base')}", previews=[self._entry(kept)])
 
     def after_epoch(self, trainer, epoch: int) -> None:
         if epoch == self.cfg.train_epochs or (self.every > 0 and epoch % self.every == 0):
@@ -192,33 +196,63 @@ class Previews:
         return (f"previews: {self.root} ({len(self.prompts)} clips of {self.cfg.preview_seconds:g} s; LoRA off in "
                 f"base/, epochs {', '.join(shown) or 'none'})")
 
+    def _prepare(self, trainer) -> Optional[dict]:
+        """Process 0's part of ``start``: -> None to render the LoRA-off set, {} when the log lists it, else the
+        log entry of the LoRA-off files kept from before."""
+        with self._quiet_rng(trainer):
+            try:
+                self.conditioning = encode_prompts(trainer.source, self.prompts, device=trainer.device,
+                                                   dtype=trainer.dtype)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"previews: {e} Previews need the model's text encoder and VAE; set "
+                              "preview_every_n_epochs to 0 to train without them.") from None
+        record = {"seed": self.cfg.preview_seed, "sampler": self.settings.describe(), "sample_rate": SAMPLE_RATE,
+                  "prompts": [prompt_record(p) for p in self.prompts]}
+        path = os.path.join(self.root, PROMPTS_FILE)
+        same = _read_json(path) == record
+        if not same:
+            atomic_write_json(path, record)
+        done = [n for n in trainer.metrics.notes if "previews" in n
+                and all(os.path.isfile(os.path.join(self.cfg.output_dir, f)) for f in n["previews"])]
+        if done:
+            trainer.metrics.announce(previews=[self._entry(n) for n in done])
+        base = [os.path.join(self.root, "base", f"preview_{i + 1}.flac") for i in range(len(self.prompts))]
+        if not (same and all(os.path.isfile(f) for f in base)):
+            return None
+        if any(n.get("base") for n in done):
+            return {}
+        return {"epoch": 0, "step": 0, "previews": [os.path.relpath(f, self.cfg.output_dir) for f in base],
+                "base": True}
+
     # -- rendering -----------------------------------------------------------------------------------------------
     def render(self, trainer, name: str, epoch: int, step: int) -> Optional[list[str]]:
-        """Render the clips into previews/<name>/ (``epoch`` 0: the LoRA off), list them in train_log.jsonl and
-        announce them; returns the files (relative to the run folder), None when skipped."""
+        """Render the clips into previews/<name>/ (``epoch`` 0: the LoRA off; process 0), list them in
+        train_log.jsonl and announce them; returns the files (relative to the run folder), None when skipped."""
+        entry, line = trainer.dist.on_main(self._render, trainer, name, epoch, step)
+        trainer.metrics.record(entry, line, previews=[self._entry(entry)] if "previews" in entry else [])
+        return entry.get("previews")
+
+    def _render(self, trainer, name: str, epoch: int, step: int) -> tuple[dict, str]:
+        """Process 0's part of ``render``: the files written; -> (the log entry, its line)."""
         base, folder = epoch == 0, os.path.join(self.root, name)
         try:
             with self._quiet_rng(trainer):
                 audio = self._clips(trainer, base)
         except _Cancelled:
-            trainer.metrics.record({"note": f"previews {name} stopped by Cancel"}, f"previews {name} stopped by Cancel")
-            return None
+            return {"note": f"previews {name} stopped by Cancel"}, f"previews {name} stopped by Cancel"
         except torch.OutOfMemoryError:
             release_memory(trainer.device)
             text = (f"previews {name} skipped: out of {trainer.device.type} memory while rendering (training goes on; "
                     "lower preview_seconds or preview_count)")
-            trainer.metrics.record({"note": text}, text)
-            return None
+            return {"note": text}, text
         files = []
         for i, clip in enumerate(audio):
             path = os.path.join(folder, f"preview_{i + 1}.flac")
             save_flac(path, clip, SAMPLE_RATE)
             files.append(os.path.relpath(path, self.cfg.output_dir))
-        entry = {"epoch": epoch, "step": step, "previews": files, "base": base}
         what = "the LoRA off (base model)" if base else f"epoch {epoch}"
-        trainer.metrics.record(entry, f"previews of {what}: {folder} ({len(files)} x {self.cfg.preview_seconds:g} s)",
-                               previews=[self._entry(entry)])
-        return files
+        return ({"epoch": epoch, "step": step, "previews": files, "base": base},
+                f"previews of {what}: {folder} ({len(files)} x {self.cfg.preview_seconds:g} s)")
 
     def _clips(self, trainer, base: bool) -> list[torch.Tensor]:
         """[2, N] float32 CPU waveforms, one per prompt."""
@@ -230,9 +264,7 @@ class Previews:
         with lora.disabled(trainer.lora_layers) if base else contextlib.nullcontext():
             latents = [sample_latents(trainer.net, c, self.settings, self.cfg.preview_seed + i, None, null, progress)
                        for i, c in enumerate(self.conditioning)]
-        from .vae import load_vae
-
-        vae = load_vae(self.cfg.checkpoint_dir, device=trainer.device, dtype=trainer.dtype)
+        vae = trainer.source.load_vae(device=trainer.device, dtype=trainer.dtype)  # only while it decodes
         try:
             return [decode_audio(vae, x)[0] for x in latents]
         finally:

@@ -6,7 +6,8 @@
     trainer.cleanup()
 
 Parts: objective.py (the loss and its random draws), optim.py (AdamW, schedule), run_state.py (checkpoints, run
-signature, resume), metrics.py (loss read-back, logs, progress events), export.py (LoRA files, loras folder);
+signature, resume), metrics.py (loss read-back, logs, progress events), export.py (LoRA files, loras folder),
+distributed.py (several processes under torchrun: each step's micro-batches shared, gradients summed);
 validation.py (held-out loss, best/) and previews.py (audio while training) plug in through the Trainer's hooks.
 Unlike the official trainer, LoRA weights and AdamW state stay fp32 (compute: bf16 autocast on CUDA, fp16 on MPS,
 fp32 on CPU) and resume restores the LoRA weights and every RNG: a resumed run equals the uninterrupted one bit for
@@ -14,7 +15,6 @@ bit on CPU. Cancel / Ctrl-C and running out of memory save a resumable checkpoin
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -26,10 +26,9 @@ from typing import Callable, Optional
 
 import torch
 
-from . import export, lora, previews
-from .checkpoint import dit_dir, dit_identity, load_config, load_dit
+from . import distributed, export, lora, previews
 from .data import Batch, TensorDataset, collate, make_batches
-from .device import compute_dtype, release_memory, resolve_device
+from .device import compute_dtype, release_memory
 from .export import TrainResult
 from .fileio import atomic_directory
 from .lora import DEFAULT_TARGETS
@@ -37,27 +36,12 @@ from .metrics import MetricsLog, ProgressEvent, format_seconds, plural
 from .objective import TIMESTEP_SAMPLING, FlowMatching, resolve_sampling  # noqa: F401  (TIMESTEP_SAMPLING: CLI)
 from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
-                        continue_on, latest_checkpoint, plan, resolve_resume, restore_rng, rng_snapshot,
-                        run_signature)
-from .options import TrainConfig  # declared in the option table, with its node and CLI facts
+                        continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature, seed_draws)
+from .options import TrainConfig, check_config  # declared in the option table, with its node and CLI facts
+from .source import Folders, from_config
 from .validation import Validation
 
 log = logging.getLogger("acestep_lora.train")
-
-
-def check_config(c: TrainConfig) -> None:
-    """Refuse numbers training cannot use, naming the value."""
-    rules = {"lora_rank": (c.lora_rank >= 1, ">= 1"), "lora_alpha": (c.lora_alpha > 0, "> 0"),
-             "lora_dropout": (0 <= c.lora_dropout < 1, "in [0, 1)"), "learning_rate": (c.learning_rate > 0, "> 0"),
-             "train_epochs": (c.train_epochs >= 1, ">= 1"), "batch_size": (c.batch_size >= 1, ">= 1"),
-             "gradient_accumulation": (c.gradient_accumulation >= 1, ">= 1"),
-             "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
-             "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
-             "gradient_checkpointing": (c.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
-             "comfy_dtype": (c.comfy_dtype in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32")}
-    for name, (ok, rule) in rules.items():
-        if not ok:
-            raise ValueError(f"{name} must be {rule} (got {getattr(c, name)})")
 
 
 class Trainer:
@@ -66,33 +50,33 @@ class Trainer:
     optimizer step began and raises TrainingCancelled."""
 
     def __init__(self, cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 cancel_requested: Optional[Callable[[], bool]] = None):
+                 cancel_requested: Optional[Callable[[], bool]] = None, folders: Optional[Folders] = None):
         check_config(cfg)
         self.cfg, self.progress, self.cancel_requested = cfg, progress, cancel_requested
-        self.device = resolve_device(cfg.device)
+        self.device, self.dist = distributed.join(cfg.device, cfg.dist_timeout)  # one process unless torchrun's
         self.dtype = compute_dtype(self.device)
-        dit_dir(cfg.checkpoint_dir, cfg.config_path)
-        self.model_cfg = load_config(cfg.checkpoint_dir, cfg.config_path)
-        data = TensorDataset(cfg.tensor_dir)
-        data.check_for(cfg.config_path, self.model_cfg.encoder_hidden_size or self.model_cfg.hidden_size,
-                       cfg.batch_size)
-        # held-out samples (validation.py) are not trained on; a resume keeps its checkpoint's split
-        self.data, self.validation = Validation.split(cfg, data, resolve_resume(cfg.resume_from, cfg.output_dir))
+        self.data = TensorDataset(cfg.tensor_dir)
+        # the official folder or ComfyUI's files (folders: the nodes' dropdowns), named as Prepare named it
+        self.source = from_config(cfg, folders, prepared=self.data.manifest.checkpoint)
+        self.model_cfg = self.source.config
+        self.data.check_for(self.source.name, self.model_cfg.condition_width, cfg.batch_size)
+        self.data, self.validation = Validation.split(cfg, self.data)  # held-out samples leave training
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = export.lora_name_for(cfg.lora_name, cfg.output_dir)
         self.trigger_tag = cfg.trigger_tag or self.data.manifest.metadata.custom_tag
         compute = f"{self.device.type}/{str(self.dtype).replace('torch.', '')}"
         self.signature = run_signature(cfg, self.sampling, self.data.manifest.fingerprint(),
-                                       dit_identity(cfg.checkpoint_dir, cfg.config_path), compute)
+                                       self.source.dit_identity(), compute, self.dist.world)
         self.signature.update(self.validation.signature())
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
+        self.dist.same_everywhere({"settings": self.signature, "resume": self.resume_dir, "reuse": self.finished_dir})
         self.net = None
-        # Plug-ins (validation.py, previews.py). What a hook records in the metrics log goes into the next checkpoint.
-        self.start_hooks: list = []  # hook(trainer): before the first step of this session, after the log's header
-        self.epoch_hooks: list = []  # hook(trainer, epoch): after each epoch is logged, before its checkpoint
-        self.checkpoint_hooks: list = []  # hook(trainer, folder): more files into a checkpoint folder being built
-        self.finish_hooks: list = []  # hook(trainer) -> a line for the summary ("" for none)
+        # Plug-ins (validation.py, previews.py), in every process; what they record goes into the next checkpoint.
+        # start_hooks(trainer): before the first step; epoch_hooks(trainer, epoch): after the epoch is logged, before
+        # its checkpoint; checkpoint_hooks(trainer, folder): files into a checkpoint being built (process 0);
+        # finish_hooks(trainer) -> a line for the summary, "" for none (process 0).
+        self.start_hooks, self.epoch_hooks, self.checkpoint_hooks, self.finish_hooks = [], [], [], []
         self.validation.attach(self)
 
     # -- set-up ------------------------------------------------------------------------------------------------
@@ -107,8 +91,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if model is None:  # only what training needs: no encoder, tokenizer, VAE, LM
-            model = load_dit(cfg.checkpoint_dir, cfg.config_path, device=self.device, dtype=self.dtype,
-                             components=("decoder", "null_condition_emb"))
+            model = self.source.load_dit(("decoder", "null_condition_emb"), device=self.device, dtype=self.dtype)
         self.net = model.decoder
         self.targets = lora.parse_targets(cfg.target_modules, lora.linear_names(self.net))
         # LoRA weights (and so AdamW state) are fp32 whatever the compute dtype; the frozen base stays as loaded.
@@ -116,7 +99,9 @@ class Trainer:
         self.net.gradient_checkpointing = self._use_checkpointing()
         self.net.train()
         self.params = lora.lora_parameters(self.lora_layers)
-        self.steps_per_epoch = math.ceil(math.ceil(len(self.data) / cfg.batch_size) / cfg.gradient_accumulation)
+        self.dist.broadcast_parameters(self.params)
+        self.accum = cfg.gradient_accumulation * self.dist.world  # micro-batches per optimizer step, all processes
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.data) / cfg.batch_size) / self.accum)
         self.optim = Optimizer(self.params, self.device, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm,
                                cfg.warmup_steps, self.steps_per_epoch * cfg.train_epochs,
                                fp16=self.dtype == torch.float16)
@@ -126,8 +111,8 @@ class Trainer:
                                       self.model_cfg.timestep_sigma, cfg.cfg_dropout, model.null_condition_emb.detach())
         self.data.to(self.device, self.dtype)
         self.metrics = MetricsLog(cfg.output_dir, cfg.train_epochs, cfg.log_every, self.device.type == "cpu",
-                                  self.progress, self._divergence_advice)
-        self.run_id, self.global_step, self.epoch_loras = uuid.uuid4().hex[:12], 0, []
+                                  self.progress, self._divergence_advice, writes=self.dist.main)
+        self.run_id, self.global_step, self.epoch_loras = self.dist.on_main(lambda: uuid.uuid4().hex[:12]), 0, []
         self.start, self.note = Position(1), None  # a fresh run; a resume moves both
         if self.resume_dir is not None:
             self._resume()
@@ -137,8 +122,9 @@ class Trainer:
         mode = self.cfg.gradient_checkpointing
         if mode != "auto":
             return mode == "on"
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory < 20 * 2 ** 30
+        if self.device.type == "cuda":  # TODO(lead): memory.choose_gradient_checkpointing (attn branch) when merged
+            limit = 32 if self.model_cfg.family == "XL" else 20  # XL, 240 s: ~22 GiB without it, ~10 GiB with it
+            return torch.cuda.get_device_properties(self.device).total_memory < limit * 2 ** 30
         return self.device.type == "mps"
 
     def _resume(self) -> None:
@@ -152,7 +138,7 @@ class Trainer:
         restore_rng(state.rng, self.device, self.noise_gen)
         self.trigger_tag = self.cfg.trigger_tag or state.settings.get("trigger_tag") or self.trigger_tag
         go = continue_on(state, state.position, self.data.manifest.sample_keys(), self.data.manifest.fingerprint(),
-                         len(self.data), self.cfg, self.steps_per_epoch)
+                         len(self.data), self.cfg, self.steps_per_epoch, self.dist.world)
         self.start, self.note = go.position, go.note
         self.optim.reschedule(go.total_steps)
         if go.note:
@@ -167,14 +153,16 @@ class Trainer:
         return self.objective.loss(self.net, batch, self.objective.draw(batch, self.noise_gen))
 
     def step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step on ``batch`` as the loop runs it (draw, forward, backward, clip, AdamW, schedule,
-        the loss queued for the metrics log); returns the loss, not read back."""
-        loss = self._backward(batch, 1)
-        self._optimizer_step(loss)
+        """One optimizer step on ``batch`` as the loop runs it (draw, forward, backward, gradients summed over the
+        processes with theirs, clip, AdamW, schedule, the loss queued for the metrics log); returns the loss."""
+        world = self.dist.world
+        loss = self._backward(batch, world, self.dist.rank)
+        self._optimizer_step(self.dist.sum_gradients(self.params, torch.stack([loss / world, loss]))[0])
         return loss
 
-    def _backward(self, batch: Batch, parts: int) -> torch.Tensor:
-        """Gradients of one of ``parts`` micro-batches of an optimizer step; returns its loss (detached)."""
+    def _backward(self, batch: Batch, parts: int, part: int) -> torch.Tensor:
+        """Gradients of micro-batch ``part`` of the ``parts`` of the next step, drawn from its own seed; its loss."""
+        seed_draws(self.cfg.seed, self.global_step + 1, part, self.device, self.noise_gen)
         loss = self.loss(batch)
         self.optim.backward(loss / parts)
         return loss.detach().float()
@@ -187,11 +175,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Train to ``train_epochs`` (or reuse the finished run with this signature); returns where the files are."""
+        cfg = self.cfg
         if self.finished_dir is not None:
-            return export.reuse_finished(self.finished_dir, self.cfg, self.lora_name, self.trigger_tag)
+            return self.dist.on_main(export.reuse_finished, self.finished_dir, cfg, self.lora_name, self.trigger_tag)
         if self.net is None:
             self.setup()
-        cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.metrics.start(self._header())
         for hook in self.start_hooks:
@@ -205,53 +193,71 @@ class Trainer:
                 self.metrics.flush()
                 self.save_checkpoint(epoch)
         self.metrics.flush()
-        return self._finish()
+        return self.dist.on_main(self._finish)
 
     def _train_epoch(self, epoch: int, start: Position) -> None:
-        """The epoch's batches from ``start``, ``gradient_accumulation`` micro-batches per optimizer step."""
-        cfg, accum = self.cfg, self.cfg.gradient_accumulation
+        """The epoch from ``start``: each step takes the next ``self.accum`` micro-batches, this process its share."""
+        cfg, accum = self.cfg, self.accum
         order = start.order if start.order is not None else make_batches(self.data.lengths, cfg.batch_size,
                                                                          self.data_gen)
         loss_sum, count = torch.tensor(float(start.epoch_loss[0]), device=self.device), int(start.epoch_loss[1])
         self.metrics.epoch, began, index = epoch, time.time(), start.next_batch
-        while index < len(order):
-            if (index - start.next_batch) % accum == 0:  # an optimizer step begins: a consistent point to resume
-                # loss_sum is rebound, never updated in place, so keeping a reference is a free snapshot of it
-                here = Position(epoch, index, order, (loss_sum, count), rng_snapshot(self.device, self.noise_gen))
-                parts, step_loss = min(accum, len(order) - index), 0.0
+        while index < len(order):  # a step begins: a consistent point to resume (loss_sum is never updated in place)
+            here = Position(epoch, index, order, (loss_sum, count), rng_snapshot(self.device, self.noise_gen))
+            parts, cancel, out_of_memory = min(accum, len(order) - index), False, None
+            sums = torch.zeros(2, device=self.device)  # (the step's loss, the sum of its micro-batch losses)
             try:
-                if self.cancel_requested is not None and self.cancel_requested():
-                    self._stop(here)
-                loss = self._backward(collate([self.data.samples[i] for i in order[index]]), parts)
-                loss_sum, count, index, step_loss = loss_sum + loss, count + 1, index + 1, loss / parts + step_loss
-                if index == here.next_batch + parts:
-                    self._optimizer_step(step_loss)
-                    self.metrics.report()
+                for part in self.dist.share(parts) or [None]:  # None: this process has no part, but asks too
+                    cancel = self.cancel_requested is not None and self.cancel_requested()
+                    if cancel or part is None:
+                        break
+                    loss = self._backward(collate([self.data.samples[i] for i in order[index + part]]), parts, part)
+                    sums += torch.stack([loss / parts, loss])
             except torch.OutOfMemoryError as error:
-                self._stop(here, error)
+                out_of_memory = error
+            try:
+                stops = self.dist.agree(cancel, out_of_memory is not None)  # every process stops, or none
+                if any(stops):
+                    self._stop(here, stops[1], out_of_memory)
+                sums = self.dist.sum_gradients(self.params, sums)
+                self._optimizer_step(sums[0])
+            except distributed.ProcessLost as lost:
+                self._lost(here, lost)
+            except torch.OutOfMemoryError as error:  # AdamW's state, made at the first step
+                self._stop(here, 1, error)
+            loss_sum, count, index = loss_sum + sums[1], count + parts, index + parts
+            self.metrics.report()
         self.metrics.add_epoch(epoch, loss_sum, count, self.last_lr, time.time() - began)
 
-    def _stop(self, at: Position, out_of_memory: Optional[BaseException] = None):
-        """Save a checkpoint where the interrupted optimizer step began (its partial gradients are dropped)."""
+    def _stop(self, at: Position, out_of_memory: int = 0, error: Optional[BaseException] = None):
+        """Save a checkpoint where the interrupted optimizer step began (its partial gradients are dropped; process
+        0 writes it while the others wait), then raise: cancelled, or ``out_of_memory`` processes ran out."""
         self.optim.zero_grad()
-        self.metrics.flush(check=False)
-        directory = self.save_checkpoint(at.epoch, dataclasses.replace(
-            at, epoch_loss=(float(at.epoch_loss[0]), at.epoch_loss[1])))
-        if out_of_memory is None:
+        directory = self.save_checkpoint(at.epoch, at)
+        self.dist.main_done()
+        if not out_of_memory:
             raise TrainingCancelled(Resumable(at.epoch, self.global_step, directory))
-        c = self.cfg
+        c, world = self.cfg, self.dist.world
         raise TrainingStopped(
-            f"out of {self.device.type} memory (batch_size {c.batch_size}, longest sample "
+            f"out of {self.device.type} memory{f' in {out_of_memory} of {world} processes' if world > 1 else ''} "
+            f"(batch_size {c.batch_size}, longest sample "
             f"{max(self.data.lengths) / 25:.0f} s, rank {c.lora_rank}, gradient_checkpointing "
             f"{'on' if self.net.gradient_checkpointing else 'off'}). Turn gradient_checkpointing on, lower "
             "batch_size, lower max_duration in Prepare, or lower lora_rank; a resumable checkpoint was saved in "
-            f"{directory}.") from out_of_memory
+            f"{directory}.") from error
+
+    def _lost(self, at: Position, lost: distributed.ProcessLost):
+        """Another process is gone: process 0 saves where the step began if its own state is complete."""
+        self.optim.zero_grad()
+        saved = self.dist.main and self.dist.settled() and self.save_checkpoint(at.epoch, at)
+        raise lost.stopped(at.epoch, self.global_step, saved, latest_checkpoint(self.cfg.output_dir)) from lost
 
     # -- checkpoints and the result ----------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int, at: Optional[Position] = None) -> str:
         """A resumable checkpoint folder (adapter/, a ComfyUI file, training_state.pt, checkpoint.json), swapped
         in whole; returns it. ``at`` None: at the end of ``epoch`` — final/ after the last epoch, else
-        checkpoints/epoch_N, whose LoRA is also published in loras_dir; else mid-epoch (Cancel, out of memory)."""
+        checkpoints/epoch_N, whose LoRA is also published in loras_dir; else mid-epoch (Cancel, out of memory);
+        written by process 0, with the losses not yet read back (unchecked: a stop saves whatever they are)."""
         cfg, name, step, published = self.cfg, self.lora_name, self.global_step, None
         if at is not None:
             folder, file = f"checkpoints/cancelled_epoch_{epoch}_step_{step}", f"{name}_step_{step}"
@@ -263,16 +269,21 @@ class Trainer:
                 published = export.epoch_lora_path(cfg.loras_dir, name, epoch, self.run_id)
                 self.epoch_loras += [published] if published not in self.epoch_loras else []
         directory = os.path.join(cfg.output_dir, *folder.split("/"))
+        self.metrics.flush(check=False)
+        if not self.dist.main:
+            return directory
         at = at or Position(epoch, rng=rng_snapshot(self.device, self.noise_gen))
         settings = {k: getattr(cfg, k) for k in ("lora_dropout", "learning_rate", "train_epochs", "batch_size",
                                                  "gradient_accumulation", "seed", "cfg_dropout")}
-        settings.update(timestep_sampling=self.sampling, dataset_size=len(self.data), trigger_tag=self.trigger_tag)
+        settings.update(timestep_sampling=self.sampling, dataset_size=len(self.data), trigger_tag=self.trigger_tag,
+                        world_size=self.dist.world)
         state = RunState(self.run_id, epoch, step, at.next_batch, at.order, *self.optim.state_dicts(), at.rng,
-                         self.data_gen.get_state(), self.metrics.history, self.metrics.epoch_log, at.epoch_loss,
+                         self.data_gen.get_state(), self.metrics.history, self.metrics.epoch_log,
+                         (float(at.epoch_loss[0]), at.epoch_loss[1]),
                          self.identity, self.signature, settings, self.data.manifest.sample_keys(),
                          self.steps_per_epoch, self.metrics.notes, self.epoch_loras, f"{file}.safetensors")
         metadata = export.lora_metadata(self.run_id, cfg, self.model_cfg.variant, self.targets, self.sampling, epoch,
-                                        step, len(self.data), self.trigger_tag)
+                                        step, len(self.data), self.trigger_tag, self.dist.world)
         with atomic_directory(directory) as tmp:
             export.write_lora_files(tmp, self.lora_layers, self.targets, cfg.lora_rank, cfg.lora_alpha,
                                     cfg.lora_dropout, state.lora_file, metadata, cfg.comfy_dtype)
@@ -306,8 +317,11 @@ class Trainer:
                 f"{plural(self.steps_per_epoch, 'step')}, {self.optim.total_steps} steps in all, rank {c.lora_rank}, "
                 f"alpha {c.lora_alpha:g}, lr {c.learning_rate:g}, {self.sampling} timesteps, "
                 f"{self.device.type}/{str(self.dtype)[6:]}, {sum(p.numel() for p in self.params):,} trainable "
-                "parameters" + (f", resumed from {self.resume_dir} at step {self.global_step}" if self.resume_dir
-                                else "") + (f"\n{self.note}" if self.note else ""))
+                "parameters" + (f", {c.batch_size * self.accum} samples per step from {self.dist.world} processes"
+                                if self.dist.world > 1 else "")
+                + (f", resumed from {self.resume_dir} at step {self.global_step}" if self.resume_dir else "")
+                + f"\nmodel: {self.source.describe_dit()}"
+                + (f"\n{self.note}" if self.note else ""))
 
     def _divergence_advice(self) -> str:
         last = latest_checkpoint(self.cfg.output_dir, include_final=False) or "none was saved yet"
@@ -322,15 +336,14 @@ class Trainer:
 
 
 def train_lora(cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], None]] = None,
-               cancel_requested: Optional[Callable[[], bool]] = None) -> TrainResult:
+               cancel_requested: Optional[Callable[[], bool]] = None, folders: Optional[Folders] = None) -> TrainResult:
     """Train (or resume, or reuse) a LoRA; see TrainConfig. Returns where the PEFT adapter and ComfyUI file are.
 
     ComfyUI runs every node under ``torch.inference_mode()``; training needs autograd and ordinary tensors, so
     both are switched back on for the whole run (including loading the data and the model)."""
     with torch.inference_mode(False), torch.enable_grad():
-        trainer = Trainer(cfg, progress, cancel_requested)
-        if previews.enabled(cfg) and trainer.finished_dir is None:
-            previews.Previews(cfg, trainer).attach(trainer)
+        trainer = Trainer(cfg, progress, cancel_requested, folders)
+        previews.attach(trainer)
         try:
             return trainer.train()
         finally:

@@ -24,6 +24,9 @@ it never trains on shows when more epochs stop helping.
 - ``<run>/best/``: ``adapter/`` and ``<name>_best.safetensors`` of the epoch with the lowest loss (epoch 0 never
   counts), rewritten whenever a lower one comes, and ``best.json`` (epoch, step, loss); at the end its ComfyUI file
   is also published as ``<loras_dir>/<name>/best.safetensors``.
+- Several processes (torchrun, distributed.py): process 0 alone measures the loss and writes best/ (the others wait
+  at the next step); every process records the value it shares, so the log, the best epoch and the checkpoints are
+  the same everywhere, and an error in process 0 stops every process with it.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from .fileio import atomic_directory, atomic_write_json
 from .objective import TURBO_SHIFT3_TIMESTEPS, Draw, loss as flow_loss
 from .lora_io import unique_path
 from .metrics import plural
-from .run_state import INFO_FILE, RunState, read_info
+from .run_state import INFO_FILE, RunState, read_info, resolve_resume
 
 log = logging.getLogger("acestep_lora.validation")
 
@@ -155,9 +158,9 @@ class Validation:
         self.staged = None
 
     @classmethod
-    def split(cls, cfg, data: TensorDataset, resume_dir: Optional[str]) -> tuple[TensorDataset, "Validation"]:
-        """-> (the samples to train on, the Validation). ``cfg``: TrainConfig; ``resume_dir``: the checkpoint a
-        resume continues (its split is kept), None for a new run."""
+    def split(cls, cfg, data: TensorDataset) -> tuple[TensorDataset, "Validation"]:
+        """-> (the samples to train on, the Validation). ``cfg``: TrainConfig; a resume (``cfg.resume_from``) keeps
+        the split of the checkpoint it continues."""
         fraction, every = cfg.validation_split, cfg.validation_every_n_epochs
         if not 0 <= fraction <= 0.5:
             raise ValueError(f"validation_split must be in [0, 0.5] (got {fraction}); 0.1 holds out 10 % of the "
@@ -167,7 +170,7 @@ class Validation:
         infos = data.manifest.samples_info
         if fraction == 0:
             return data, cls(cfg, None, [], "")
-        previous = read_state(resume_dir)
+        previous = read_state(resolve_resume(cfg.resume_from, cfg.output_dir))
         held = set(choose(infos, fraction, cfg.seed, previous))
         keep = [i for i, s in enumerate(infos) if s.cache_key not in held]
         out = [i for i, s in enumerate(infos) if s.cache_key in held]
@@ -179,9 +182,10 @@ class Validation:
         trained = [infos[i].cache_key for i in keep]
         if held:
             names = [_label(infos[i]) for i in out]
+            when = "every epoch" if every == 1 else f"every {every} epochs"
             note = (f"validation: {len(out)} of {len(infos)} samples held out ({', '.join(names[:6])}"
-                    f"{', ...' if len(names) > 6 else ''}); its loss {'every epoch' if every == 1 else f'every {every} epochs'} and "
-                    "after the last, the lowest one's LoRA kept in best/")
+                    f"{', ...' if len(names) > 6 else ''}); its loss {when} and after the last, the lowest one's "
+                    "LoRA kept in best/")
         elif previous is not None and previous.get("trained") is None:
             note = ("validation: off for this resumed run: its checkpoint does not say which samples were trained "
                     "on, so none can be held out honestly")
@@ -248,22 +252,35 @@ class Validation:
             trainer.metrics.announce(validation=[[n["step"], n["validation_loss"], n["epoch"]] for n in done])
         trained = [(n["validation_loss"], n["epoch"]) for n in done if n["epoch"] >= 1]
         self.best = min(trained) if trained else None
-        self._check_best(trainer)
+        text = trainer.dist.on_main(self._check_best, trainer)
+        if text:
+            trainer.metrics.record({"note": text}, text)
         if not any(n["epoch"] == 0 for n in done):
-            with lora.disabled(trainer.lora_layers):
-                value = self.evaluate(trainer)
+            value = trainer.dist.on_main(self._evaluate_off, trainer)
             self._record(trainer, value, 0, 0, "before training (LoRA off)")
 
     def after_epoch(self, trainer, epoch: int) -> None:
         if epoch % self.cfg.validation_every_n_epochs and epoch != self.cfg.train_epochs:
             return
-        value = self.evaluate(trainer)
+        value = trainer.dist.on_main(self._measure, trainer, epoch)
         better = self.best is None or value < self.best[0]
         self._record(trainer, value, epoch, trainer.global_step, "(lowest so far: best/)" if better else "",
                      quiet=not better and epoch != self.cfg.train_epochs)
         if better:
             self.best = (value, epoch)
+
+    # Under torchrun (distributed.py) process 0 alone measures and writes best/; every process records its value,
+    # so the log and checkpoints agree everywhere, and an error there is raised in every process.
+    def _evaluate_off(self, trainer) -> float:
+        with lora.disabled(trainer.lora_layers):
+            return self.evaluate(trainer)
+
+    def _measure(self, trainer, epoch: int) -> float:
+        """The loss after ``epoch``; best/ rewritten when it is the lowest so far."""
+        value = self.evaluate(trainer)
+        if self.best is None or value < self.best[0]:
             self._save_best(trainer, epoch, value)
+        return value
 
     def _record(self, trainer, value: float, epoch: int, step: int, remark: str, quiet: bool = False) -> None:
         trainer.metrics.record(
@@ -295,7 +312,7 @@ class Validation:
         cfg, file = self.cfg, f"{trainer.lora_name}_best.safetensors"
         metadata = export.lora_metadata(trainer.run_id, cfg, trainer.model_cfg.variant, trainer.targets,
                                         trainer.sampling, epoch, trainer.global_step, len(trainer.data),
-                                        trainer.trigger_tag)
+                                        trainer.trigger_tag, trainer.dist.world)
         metadata["acestep_lora.validation_loss"] = repr(value)
         with atomic_directory(os.path.join(cfg.output_dir, BEST_DIR)) as tmp:
             export.write_lora_files(tmp, trainer.lora_layers, trainer.targets, cfg.lora_rank, cfg.lora_alpha,
@@ -307,14 +324,14 @@ class Validation:
             "epoch": epoch, "step": step, "validation_loss": value, "samples": len(self.keys), "adapter": "adapter",
             "lora_file": file, "run_id": run_id})
 
-    def _check_best(self, trainer) -> None:
+    def _check_best(self, trainer) -> Optional[str]:
         """best/ must hold the lowest epoch of the log this run continues. A resume from an earlier checkpoint can
         find it written later by the continuation it abandons: then it is rebuilt from the best epoch's checkpoint
-        when there is one, else removed (the next lowest loss writes it again); either is said in the log."""
+        when there is one, else removed (the next lowest loss writes it again); returns what it did, for the log."""
         info, folder = best_info(self.cfg.output_dir), os.path.join(self.cfg.output_dir, BEST_DIR)
         if info is None or (self.best is not None and info["epoch"] == self.best[1]
                             and info["step"] <= trainer.global_step):
-            return
+            return None
         epoch = self.best[1] if self.best is not None else None
         source = os.path.join(self.cfg.output_dir, "checkpoints", f"epoch_{epoch}")
         if epoch is not None and os.path.isfile(os.path.join(source, INFO_FILE)):
@@ -328,7 +345,7 @@ class Validation:
             shutil.rmtree(folder, ignore_errors=True)
             text = (f"best/ held epoch {info['epoch']}, later than this resume, and was removed; the next lowest "
                     "validation loss writes it again")
-        trainer.metrics.record({"note": text}, text)
+        return text
 
 
 def _label(info) -> str:

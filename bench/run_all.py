@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["op_count.py", "train_step.py", "prepare_speed.py", "bpm_accuracy.py"]
+SCRIPTS = ["launch_count.py", "memory_model.py", "train_step.py", "prepare_speed.py", "bpm_accuracy.py"]
 
 if __name__ == "__main__":
     extra = sys.argv[1:]

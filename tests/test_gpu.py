@@ -88,3 +88,173 @@ def test_training_runs_on_cuda(tiny_ckpt, cuda_tensors, tmp_path):
                                     lora_rank=8, lora_alpha=16, train_epochs=3, save_every_n_epochs=2, batch_size=2,
                                     device="cuda"))
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(p[1])) for p in result.history)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention on fused kernels (acestep_lora/attention.py), the compiled decoder, the memory estimate
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from acestep_lora import attention  # noqa: E402
+from acestep_lora.attention import AttentionPlan  # noqa: E402
+
+from test_attention import CASES, emulated_flash, reference  # noqa: E402
+
+NO_MATH = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+MATH_OPS = {"_scaled_dot_product_attention_math", "_softmax", "softmax", "_safe_softmax"}
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def cuda_backends():
+    return [b for b in ("flash", "efficient") if attention._cuda_kernel_runs(b, 0, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_attention_kernels_match_the_reference(case):
+    """Every CUDA backend, every layer type, padded or not: bf16 output and gradients vs an fp64 reference."""
+    lq, lk, window, key_lengths, is_self = CASES[case]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv, d = 3, 16, 8, 128
+    scale = 8  # longer sequences than the CPU test: several flash blocks per sequence
+    lq, lk = lq * scale, lk * scale
+    window = None if window is None else window * scale
+    key_lengths = None if key_lengths is None else torch.tensor([n * scale for n in key_lengths], dtype=torch.int32)
+    query_lengths = key_lengths if is_self else None
+    q = torch.randn(b, lq, hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(b, lk, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(b, lk, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    grad = torch.randn(b, lq, hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
+    keep = torch.ones(b, lq, 1, 1, device="cuda") if query_lengths is None else \
+        (torch.arange(lq, device="cuda")[None, :] < query_lengths.cuda()[:, None]).float()[..., None, None]
+    ref_inputs = [t.double().cpu().requires_grad_() for t in (q, k, v)]
+    expected = reference(*ref_inputs, window, key_lengths, query_lengths)
+    (expected * grad.double().cpu() * keep.double().cpu()).sum().backward()
+    assert cuda_backends(), "no fused attention kernel runs on this GPU"
+    for backend in cuda_backends():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        plan = AttentionPlan(backend, b, lq, lk, dtype=torch.bfloat16, device="cuda",
+                             key_lengths=None if key_lengths is None else key_lengths.cuda(),
+                             query_lengths=None if query_lengths is None else query_lengths.cuda(), windows=[window])
+        log = OpLog()
+        with sdpa_kernel(NO_MATH), log:
+            out = plan(*inputs, window)
+            (out.float() * grad.float() * keep).sum().backward()
+        assert not MATH_OPS & set(log.ops), (backend, sorted(set(log.ops)))
+        valid = keep.cpu()[..., 0, 0].bool()
+        err = (out.detach().double().cpu() - expected.detach())[valid].norm() / expected.detach()[valid].norm()
+        assert err < 2e-2, (backend, err)
+        for mine, ref in zip(inputs, ref_inputs):
+            rel = ((mine.grad.double().cpu() - ref.grad).norm() / ref.grad.norm()).item()
+            assert rel < 3e-2, (backend, rel)
+        if backend == "flash":  # the CPU tests' emulator keeps the kernel's contract
+            emulated = AttentionPlan("flash", b, lq, lk, dtype=torch.float32, device="cpu",
+                                     key_lengths=key_lengths, query_lengths=query_lengths)
+            attention_kernel = attention.flash_kernel
+            try:
+                attention.flash_kernel = emulated_flash
+                emu = emulated(q.float().cpu(), k.float().cpu(), v.float().cpu(), window)
+            finally:
+                attention.flash_kernel = attention_kernel
+            assert ((emu[valid] - out.float().cpu()[valid]).norm() / emu[valid].norm()) < 2e-2
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoder_never_runs_math_attention(tiny_ckpt, padded):
+    """Forward and backward of the LoRA decoder under bf16 autocast with the MATH SDPA backend disabled: no error,
+    no math attention op, two fused attention calls per layer (self, cross) on each backend the GPU runs."""
+    decoder = load_dit(tiny_ckpt, device="cuda", dtype=torch.bfloat16).decoder
+    layers = lora.inject(decoder, ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 16, 0.1)
+    decoder.train()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    frames, tokens = (300, 40)
+    kw = dict(hidden_states=torch.randn(2, frames, 64, device="cuda", generator=g),
+              timestep=torch.tensor([0.3, 0.9], device="cuda"), timestep_r=torch.tensor([0.3, 0.9], device="cuda"),
+              encoder_hidden_states=torch.randn(2, tokens, decoder.condition_embedder.in_features, device="cuda",
+                                                generator=g),
+              context_latents=torch.randn(2, frames, 128, device="cuda", generator=g))
+    if padded:
+        kw.update(mask_padding=True, frame_lengths=torch.tensor([300, 170], device="cuda"),
+                  encoder_lengths=torch.tensor([40, 23], device="cuda"))
+    for backend in cuda_backends():
+        decoder.attention_backend = backend
+        log = OpLog()
+        with sdpa_kernel(NO_MATH), log, torch.autocast("cuda", dtype=torch.bfloat16):
+            out = decoder(**kw)[0]
+        with sdpa_kernel(NO_MATH), log:
+            out.float().square().mean().backward()
+        assert torch.isfinite(out).all()
+        assert not MATH_OPS & set(log.ops), (backend, sorted(set(log.ops)))
+        fused = {"flash": "_flash_attention_forward", "efficient": "_scaled_dot_product_efficient_attention"}
+        assert log.ops.count(fused[backend]) == 2 * len(decoder.layers)
+        assert all(layer.lora_A.grad is not None for layer in layers.values())
+        for layer in layers.values():
+            layer.lora_A.grad = layer.lora_B.grad = None
+
+
+def test_choose_backend_on_this_gpu_avoids_math():
+    backend = attention.choose_backend(torch.device("cuda"), torch.bfloat16)
+    capability = torch.cuda.get_device_capability()
+    assert backend == ("flash" if capability >= (8, 0) else "efficient")
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        assert attention.choose_backend(torch.device("cuda"), torch.bfloat16) == "efficient"
+
+
+def test_compiled_decoder_with_cuda_graphs_equals_eager(tiny_ckpt):
+    from acestep_lora.compile import CompiledDecoder
+
+    decoder = load_dit(tiny_ckpt, device="cuda", dtype=torch.bfloat16).decoder
+    layers = lora.inject(decoder, ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 16, 0.0)
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 230, 64, device="cuda", generator=g),
+              timestep=torch.tensor([0.6], device="cuda"), timestep_r=torch.tensor([0.6], device="cuda"),
+              encoder_hidden_states=torch.randn(1, 40, decoder.condition_embedder.in_features, device="cuda",
+                                                generator=g),
+              context_latents=torch.randn(1, 230, 128, device="cuda", generator=g))
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = CompiledDecoder(decoder, cuda_graphs=True, dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = decoder(**kw)[0].float()
+        for _ in range(3):  # record, then replay
+            out = compiled(**kw)[0].float()
+            loss = out.square().mean()
+            loss.backward()
+    assert ((out - eager).norm() / eager.norm()).item() < 2e-2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1  # replayed, not recompiled
+
+
+def test_memory_estimate_matches_a_real_step(tiny_ckpt, tmp_path):
+    """acestep_lora.memory's estimate against torch.cuda.max_memory_allocated of the real step, mid-size config."""
+    import sys
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from common import make_trainer, train_step
+
+    from acestep_lora.memory import estimate_peak_bytes
+    from acestep_lora.testing import tiny_dit_config
+
+    cfg = tiny_dit_config("turbo", hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                          num_key_value_heads=4, head_dim=64, num_hidden_layers=8, sliding_window=64)
+    torch.cuda.empty_cache()
+    trainer = make_trainer(str(tmp_path), cfg, 2, 6000, 300, 16, device="cuda")
+    train_step(trainer)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(trainer)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    estimate = estimate_peak_bytes(cfg, 2, 6000, 300, 16, trainer.targets, False,
+                                   dataset_bytes=trainer.data.bytes())
+    assert abs(estimate / measured - 1) < 0.1, (estimate / 2 ** 20, measured / 2 ** 20)

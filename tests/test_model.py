@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from acestep_lora.config import AceStepConfig
-from acestep_lora.model import AceStepModel, attention_bias, pack_sequences, unpack_references
+from acestep_lora.attention import attention_bias
+from acestep_lora.model import AceStepModel, pack_sequences, unpack_references
 
 H, HKV, INTER = 2048, 1024, 6144
 
@@ -150,3 +151,74 @@ def test_residual_fsq_matches_vector_quantize_pytorch(num_quantizers):
         assert torch.allclose(out, expected, atol=1e-6) and torch.equal(codes.long(), expected_codes.long())
         assert torch.allclose(ours.get_output_from_indices(codes), reference.get_output_from_indices(expected_codes),
                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training-step structure: fused projections, the LoRA down-projection and SwiGLU with lean backward
+
+
+def test_fused_projections_keep_names_values_and_outputs():
+    import copy
+
+    from acestep_lora.model import SharedInput
+    from acestep_lora.testing import init_weights_, tiny_dit_config
+
+    model = AceStepModel(tiny_dit_config("turbo"), components=("decoder",))
+    init_weights_(model, 0)
+    decoder = model.decoder.requires_grad_(False)
+    reference = copy.deepcopy(decoder)
+    reference.requires_grad_(True)  # trainable weights are never fused: the plain path
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    decoder.fuse_projections()
+    attn = decoder.layers[0].self_attn
+    fused = attn._fused_weight
+    assert fused.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, attn.q_proj.in_features)
+    assert attn.v_proj.weight.untyped_storage()._cdata == fused.untyped_storage()._cdata
+    assert decoder.layers[1].mlp._fused_weight.shape[0] == 2 * decoder.layers[1].mlp.up_proj.out_features
+    after = decoder.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(2, 21, 64, generator=g), timestep=torch.tensor([0.3, 0.9]),
+              timestep_r=torch.tensor([0.3, 0.9]), encoder_hidden_states=torch.randn(2, 9, 64, generator=g),
+              context_latents=torch.randn(2, 21, 128, generator=g))
+    with torch.no_grad():
+        out = decoder(**kw)[0]
+    expected = reference(**kw)[0]
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    decoder.double()  # a conversion gives every weight its own storage: fused again on the next forward
+    assert all(m._fused_weight is None for m in decoder.modules() if isinstance(m, SharedInput))
+    with torch.no_grad():
+        out64 = decoder(**{k: v.double() for k, v in kw.items()})[0]
+    assert attn._fused_weight.dtype == torch.float64 and torch.allclose(out64.float(), expected, atol=1e-5)
+
+
+def test_lora_down_projection_equals_dropout_then_linear():
+    """Same random draws, values and gradients as F.dropout + F.linear, with the mask kept instead of the copy."""
+    import torch.nn.functional as F
+
+    from acestep_lora.model import _DroppedDown
+
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    x2, a2 = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    grad = torch.randn(3, 5, 4, dtype=torch.float64)
+    torch.manual_seed(7)
+    h = _DroppedDown.apply(x, a, 0.3)
+    torch.manual_seed(7)
+    h2 = F.linear(F.dropout(x2, 0.3, True), a2)
+    assert torch.equal(h, h2)
+    (h * grad).sum().backward()
+    (h2 * grad).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-12) and torch.allclose(a.grad, a2.grad, atol=1e-12)
+
+
+def test_swiglu_backward_equals_autograd():
+    import torch.nn.functional as F
+
+    from acestep_lora.model import _SwiGLU
+
+    gate, up = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True), \
+        torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (gate, up))
+    out = _SwiGLU.apply(gate, up)
+    assert torch.equal(out, F.silu(gate) * up)

@@ -1,6 +1,7 @@
 """Audio previews while training: when and what is rendered, the LoRA-off reference, and that training is unchanged."""
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -170,3 +171,45 @@ def test_cancel_while_rendering_stops_the_previews_then_training(tiny_ckpt, five
     assert notes == ["previews epoch_1 stopped by Cancel"], notes
     assert not (tmp_path / "previews" / "epoch_1").exists()
     assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["cancelled_epoch_2_step_5"]
+
+
+def test_previews_and_sample_from_comfyui_files_xl(comfy_models, comfy_official, tmp_path, monkeypatch):
+    """Training from ComfyUI's all-in-one XL file (no official folder): the previews' text encoder, condition
+    encoder, silence latent and VAE come from that file (trainer.source), and its LoRA-off clip is what the official
+    XL folder renders for the same prompt and seed; `sample` reads the same file."""
+    from acestep_lora import native
+    from acestep_lora.__main__ import main
+    from acestep_lora.source import Folders, ModelSource
+
+    from conftest import SILENCE_PROBE
+
+    derive = native.derive_silence_latent  # as long as the official fixture's file, with the short probe
+    monkeypatch.setattr(native, "derive_silence_latent", lambda vae: derive(vae, 300, SILENCE_PROBE))
+    aio = os.path.join(comfy_models, "checkpoints", "ace_step_1.5_xl_turbo_aio.safetensors")
+    folders = Folders(tokenizer_dirs=[os.path.join(comfy_models, "qwen25_tokenizer")])
+    tensors = str(tmp_path / "tensors")
+    prepare_dataset([item(n, 1.0) for n in "ab"], tensors, PrepareSettings("", aio, device="cpu"), folders=folders)
+    train_lora(TrainConfig(tensors, "", str(tmp_path / "run"), config_path=aio, lora_rank=4, lora_alpha=8,
+                           train_epochs=1, device="cpu", preview_seconds=SECONDS, preview_count=1,
+                           preview_seed=3), folders=folders)
+    sets = previews.saved_previews(str(tmp_path / "run"))
+    assert [(s["epoch"], s["base"]) for s in sets] == [(0, True), (1, False)]
+    base, rate = read(sets[0]["files"][0])
+    p = json.load(open(tmp_path / "run" / "previews" / "prompts.json"))["prompts"][0]
+    prompt = Prompt(p["caption"], p["lyrics"], SECONDS, p["bpm"], p["keyscale"], p["timesignature"], p["language"])
+    official = generate(ModelSource.official(comfy_official, "acestep-v15-xl-turbo"), prompt, seed=3, device="cpu")
+    assert rate == 48000 and base.shape == official.waveform.shape
+    assert torch.allclose(base, official.waveform, atol=1e-4)
+    # the command line, with ComfyUI's models folder as --checkpoint-dir (the tokenizer: the install's own)
+    root = tmp_path / "ComfyUI"
+    shutil.copytree(os.path.join(comfy_models, "checkpoints"), root / "models" / "checkpoints")
+    shutil.copytree(os.path.join(comfy_models, "qwen25_tokenizer"),
+                    root / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    out = str(tmp_path / "sampled.flac")
+    assert main(["sample", "--checkpoint-dir", str(root / "models"), "--config-path",
+                 "checkpoints/" + os.path.basename(aio), "--caption", p["caption"], "--lyrics", p["lyrics"],
+                 "--bpm", str(p["bpm"]), "--keyscale", p["keyscale"], "--timesignature", p["timesignature"],
+                 "--language", p["language"], "--duration", str(SECONDS), "--seed", "3", "--device", "cpu",
+                 "-o", out]) == 0
+    sampled, _ = read(out)
+    assert torch.allclose(sampled, base, atol=2 ** -21)

@@ -528,3 +528,22 @@ def test_large_dataset_stays_on_host_and_trains(tiny_ckpt, tensors, tmp_path, mo
     loss = trainer.step(batch)
     assert torch.isfinite(loss)
     assert all(bool(layer.lora_B.abs().sum() > 0) for layer in trainer.lora_layers.values())  # a step was taken
+
+
+def test_auto_gradient_checkpointing_follows_the_model_family(tiny_ckpt, tensors, tmp_path, monkeypatch):
+    """gradient_checkpointing = auto on a CUDA GPU: on below 20 GB for the 2B models, below 32 GB for XL (a 240 s
+    XL step needs ~22 GiB without it). The attn branch's memory.choose_gradient_checkpointing replaces both."""
+    from types import SimpleNamespace
+
+    from acestep_lora.testing import tiny_dit_config
+
+    trainer = Trainer(config(tiny_ckpt, tensors, tmp_path / "gc"))
+    trainer.device = torch.device("cuda")
+    for gib, variant, expected in ((16, "turbo", True), (24, "turbo", False), (24, "xl-turbo", True),
+                                   (40, "xl-turbo", False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, gib=gib: SimpleNamespace(total_memory=gib * 2 ** 30))
+        trainer.model_cfg = tiny_dit_config(variant)
+        assert trainer._use_checkpointing() is expected, (gib, variant)
+    trainer.cfg.gradient_checkpointing = "off"
+    assert trainer._use_checkpointing() is False
