@@ -25,8 +25,9 @@ How train.py shares one run over N processes:
   in the summed losses, so every process sees it at the same step.
 - Only process 0 writes (checkpoints, ``train_log.jsonl``, the LoRA files, the run's result). Epoch hooks run in
   every process: a hook that writes files does so ``if is_main()``; one whose answer changes training takes process
-  0's (``on_main``); a hook that makes process 0 work long must fit in the process-group timeout (``dist_timeout``,
-  the others wait for it at the next step).
+  0's (``on_main``, which also raises process 0's exception in every process, so none goes on alone); a hook that
+  makes process 0 work long must fit in the process-group timeout (``dist_timeout``, the others wait for it at the
+  next step). Previews and the validation loss (previews.py, validation.py) work that way.
 - A lost process (killed, crashed): the next exchange with it fails at once (gloo notices the closed connection);
   the others raise ``ProcessLost`` and process 0 saves a resumable checkpoint where the step began when its state is
   complete (``settled``: on a GPU the last gradient sum must have finished; a sum the lost process never joined

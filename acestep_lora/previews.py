@@ -13,9 +13,9 @@ epochs, and once with it off, so the musician hears what training does instead o
 - How: the official sampler (sampler.py) on the trainer's own LoRA-wrapped decoder, in eval mode for the call
   (sample_latents restores train mode); noise from the sampler's own seeded generator and the global RNG states
   saved and restored around everything here, so training with previews trains the same LoRA bit for bit. The
-  text encoder and condition encoder run once, before the first step, and are released; the VAE is loaded for
-  each decode (tiled) and released after it; all from the run's model source (source.py: the official folder or
-  ComfyUI's files, XL included). Out of memory while rendering skips that set and says so.
+  text encoder and condition encoder run once, before the first step, and are released; the VAE's decoder alone
+  is loaded for each decode (tiled) and released after it; all from the run's model source (source.py: the
+  official folder or ComfyUI's files, XL included). Out of memory while rendering skips that set and says so.
 - Several processes (torchrun, distributed.py): process 0 alone renders and writes; see the hooks below.
 - Files: ``<run>/previews/prompts.json`` (the prompts as rendered), ``previews/base/preview_<i>.flac`` and
   ``previews/epoch_<N>/preview_<i>.flac``: 48 kHz stereo 24-bit FLAC; train_log.jsonl lines ``{"epoch", "step",
@@ -264,7 +264,8 @@ class Previews:
         with lora.disabled(trainer.lora_layers) if base else contextlib.nullcontext():
             latents = [sample_latents(trainer.net, c, self.settings, self.cfg.preview_seed + i, None, null, progress)
                        for i, c in enumerate(self.conditioning)]
-        vae = trainer.source.load_vae(device=trainer.device, dtype=trainer.dtype)  # only while it decodes
+        # the decoder alone, only while it decodes
+        vae = trainer.source.load_vae(device=trainer.device, dtype=trainer.dtype, encoder=False)
         try:
             return [decode_audio(vae, x)[0] for x in latents]
         finally:

@@ -484,7 +484,7 @@ def generate(source, prompt: Prompt, *, config_path: str = DEFAULT_CONFIG_PATH, 
     seconds["sample"] = time.time() - started
 
     started = time.time()
-    vae = source.load_vae(device=dev, dtype=dtype)
+    vae = source.load_vae(device=dev, dtype=dtype, encoder=False)
     try:
         audio = decode_audio(vae, latents)
     finally:
