@@ -25,8 +25,9 @@ from typing import Callable, Optional
 
 import torch
 
-from . import export, lora
+from . import export, lora, memory
 from .checkpoint import dit_dir, dit_identity, load_config, load_dit
+from .compile import COMPILE_MODES, for_training, padded_shape
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory, resolve_device
 from .export import TrainResult
@@ -51,6 +52,7 @@ def check_config(c: TrainConfig) -> None:
              "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
              "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
              "gradient_checkpointing": (c.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
+             "compile": (c.compile in COMPILE_MODES, "auto, on or off"),
              "comfy_dtype": (c.comfy_dtype in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32")}
     for name, (ok, rule) in rules.items():
         if not ok:
@@ -81,7 +83,7 @@ class Trainer:
                                        dit_identity(cfg.checkpoint_dir, cfg.config_path), compute)
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
-        self.net = None
+        self.net = self.step_decoder = None
         self.epoch_hooks: list = []  # hook(trainer, epoch) after each epoch is logged and saved (previews, validation)
 
     # -- set-up ------------------------------------------------------------------------------------------------
@@ -102,7 +104,6 @@ class Trainer:
         self.targets = lora.parse_targets(cfg.target_modules, lora.linear_names(self.net))
         # LoRA weights (and so AdamW state) are fp32 whatever the compute dtype; the frozen base stays as loaded.
         self.lora_layers = lora.inject(self.net, self.targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        self.net.gradient_checkpointing = self._use_checkpointing()
         self.net.train()
         self.params = lora.lora_parameters(self.lora_layers)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.data) / cfg.batch_size) / cfg.gradient_accumulation)
@@ -114,6 +115,7 @@ class Trainer:
         self.objective = FlowMatching(self.sampling, self.device, self.dtype, self.model_cfg.timestep_mu,
                                       self.model_cfg.timestep_sigma, cfg.cfg_dropout, model.null_condition_emb.detach())
         self.data.to(self.device, self.dtype)
+        self._plan_step()
         self.metrics = MetricsLog(cfg.output_dir, cfg.train_epochs, cfg.log_every, self.device.type == "cpu",
                                   self.progress, self._divergence_advice)
         self.run_id, self.global_step, self.epoch_loras = uuid.uuid4().hex[:12], 0, []
@@ -122,13 +124,19 @@ class Trainer:
             self._resume()
         self.metrics.total_steps, self.last_lr = self.optim.total_steps, self.optim.lr
 
-    def _use_checkpointing(self) -> bool:
-        mode = self.cfg.gradient_checkpointing
-        if mode != "auto":
-            return mode == "on"
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory < 20 * 2 ** 30
-        return self.device.type == "mps"
+    def _plan_step(self) -> None:
+        """How the step runs: compiled or not (``step_decoder``, what ``loss`` calls), gradient checkpointing from
+        the memory estimate at the longest batch's shape; both reasons go into the run's header."""
+        cfg, tokens = self.cfg, [s["encoder_hidden_states"].shape[0] for s in self.data.samples]
+        self.step_decoder, compiled = for_training(self.net, cfg.compile, self.device, self.dtype, self.data.lengths,
+                                                   tokens, cfg.batch_size, cfg.cuda_graphs)
+        frames, longest = padded_shape(self.step_decoder, max(self.data.lengths), max(tokens))
+        staged = self.data.bytes() if self.data.staged_on_device else 0
+        self.net.gradient_checkpointing, checkpointing = memory.checkpointing_for(
+            cfg.gradient_checkpointing, self.device, self.model_cfg, cfg.batch_size, frames, longest, cfg.lora_rank,
+            self.targets, dtype=self.dtype, dropout=cfg.lora_dropout,
+            counted_bytes=memory.resident_bytes(self.net) + staged, dataset_bytes=staged)
+        self.step_notes = [checkpointing, compiled]
 
     def _resume(self) -> None:
         state = RunState.load(self.resume_dir)
@@ -153,7 +161,7 @@ class Trainer:
         """The objective on one batch, its noise and timesteps drawn from the run's generator (no backward)."""
         if batch.target_latents.device != self.device:  # dataset too large to stage on the GPU
             batch = batch.to(self.device)
-        return self.objective.loss(self.net, batch, self.objective.draw(batch, self.noise_gen))
+        return self.objective.loss(self.step_decoder, batch, self.objective.draw(batch, self.noise_gen))
 
     def step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on ``batch`` as the loop runs it (draw, forward, backward, clip, AdamW, schedule,
@@ -291,7 +299,8 @@ class Trainer:
                 f"alpha {c.lora_alpha:g}, lr {c.learning_rate:g}, {self.sampling} timesteps, "
                 f"{self.device.type}/{str(self.dtype)[6:]}, {sum(p.numel() for p in self.params):,} trainable "
                 "parameters" + (f", resumed from {self.resume_dir} at step {self.global_step}" if self.resume_dir
-                                else "") + (f"\n{self.note}" if self.note else ""))
+                                else "") + "".join(f"\n{n}" for n in self.step_notes)
+                + (f"\n{self.note}" if self.note else ""))
 
     def _divergence_advice(self) -> str:
         last = latest_checkpoint(self.cfg.output_dir, include_final=False) or "none was saved yet"

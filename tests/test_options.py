@@ -218,7 +218,7 @@ def test_advanced_options():
     epochs, batch, checkpoints, seed and resume (Train), and the folders, model, tag and length (Prepare)."""
     assert [o.name for o in options.node_order(TRAIN) if o.advanced] == [
         "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout", "gradient_checkpointing",
-        "warmup_steps", "max_grad_norm", "trigger_tag", "device"]
+        "warmup_steps", "max_grad_norm", "trigger_tag", "device", "compile"]
     assert [o.name for o in options.node_order(PREPARE) if o.advanced] == ["device", "long_audio", "detect_bpm"]
 
 
