@@ -117,7 +117,8 @@ class CompiledDecoder:
         except Exception as error:  # no compiler, an unsupported GPU, a torch bug: train on, uncompiled
             if not self.fallback:
                 raise
-            self.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            cause = getattr(error, "inner_exception", None) or error  # dynamo wraps the backend's error
+            self.failed = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
             log.warning("torch.compile failed (%s); training continues uncompiled (set compile = off to skip the "
                         "attempt).", self.failed)
             return self(hidden_states, timestep, timestep_r, encoder_hidden_states, context_latents, attention_mask,
