@@ -8,6 +8,10 @@
 A mistake in the input ends with one message and exit status 1 (--debug shows the traceback). Ctrl-C during
 training stops at the next step boundary, saves a resumable checkpoint, names it, and exits with status 130
 (--resume-from latest continues exactly); a second Ctrl-C quits at once, saving nothing more.
+
+Several GPUs: ``torchrun --nproc_per_node=N -m acestep_lora train ...`` trains one LoRA with N processes
+(distributed.py). Process 0 prints the log and writes the files; Ctrl-C and SIGTERM (torchrun passes both on, and
+sends SIGTERM when another process failed) stop every process at the next step with a resumable checkpoint.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import sys
 import threading
 import traceback
 
-from . import __version__, console
+from . import __version__, console, distributed
 from .console import CountBar, TrainingBar, library_bars_off
 from .options import PREPARE, TRAIN, add_cli_options, config_from_inputs
 from .samples import SIDECAR_HELP
@@ -55,29 +59,35 @@ def _prepare(args) -> int:
 class CtrlC:
     """While training: the first Ctrl-C (SIGINT) only raises a flag that the trainer reads before each
     micro-batch, so it stops at a step boundary — never inside a checkpoint write or the end-of-epoch log — and
-    saves a resumable checkpoint; a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+    saves a resumable checkpoint; a second Ctrl-C interrupts at once (KeyboardInterrupt).
 
-    def __init__(self):
-        self.pressed, self.said, self.previous = False, False, None
+    One of several processes (``several``): SIGTERM raises the flag too, and later signals are ignored — torchrun
+    passes a terminal's Ctrl-C on a second time, and ends the processes itself 30 s after its own Ctrl-C."""
+
+    def __init__(self, several: bool = False):
+        self.pressed, self.said, self.previous, self.several = False, False, {}, several
 
     def requested(self) -> bool:
         if self.pressed and not self.said:  # said here, between steps: a handler's line could cut into another
-            log.info("Ctrl-C: stopping here and saving a resumable checkpoint (Ctrl-C again quits at once)")
+            log.info("stopping every process at this step and saving a resumable checkpoint" if self.several else
+                     "Ctrl-C: stopping here and saving a resumable checkpoint (Ctrl-C again quits at once)")
             self.said = True
         return self.pressed
 
     def _handle(self, signum, frame):
         self.pressed = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not self.several:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM) if self.several else (signal.SIGINT,):
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _train(args) -> int:
@@ -85,16 +95,27 @@ def _train(args) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    bar = TrainingBar()
+    several, main = distributed.launched(), distributed.env_rank() == 0
+    if not main:  # process 0 tells the story; the others only what goes wrong in them
+        logging.getLogger(console.LOGGER).setLevel(logging.WARNING)
+    bar = TrainingBar() if main else None
     try:
-        with CtrlC() as ctrl_c:
-            train_lora(cfg, progress=bar.update, cancel_requested=ctrl_c.requested)  # the trainer logs the summary
+        with CtrlC(several) as ctrl_c:
+            train_lora(cfg, progress=bar and bar.update, cancel_requested=ctrl_c.requested)  # it logs the summary
     except TrainingCancelled as stop:
-        bar.close()  # the bar first, so the message is the last line
+        if bar:
+            bar.close()  # the bar first, so the message is the last line
         log.info(stop.resumable.message("run again with --resume-from latest"))
         return INTERRUPTED
+    except TrainingStopped as stop:
+        if main or isinstance(stop, distributed.ProcessLost):  # else all processes agreed: process 0 says why
+            raise
+        return 1
     finally:
-        bar.close()
+        if bar:
+            bar.close()
+        if several:
+            distributed.shutdown()
     return 0
 
 

@@ -19,6 +19,8 @@ by kernel launches, bench/launch_count.py) and not on a CPU or Apple GPU (induct
 saves little; MPS is a prototype backend). In training the condition is padded to one bucket (the dataset's
 longest condition: padded condition tokens cost nothing in attention, acestep_lora.attention), so the step compiles
 once per frame bucket of the dataset and batch size; evaluation calls (no autograd, eval mode) run eager.
+``plan_step`` applies both speed options of a run: compile (for_training) and gradient checkpointing, decided
+from the memory estimate at the padded shape the compiled step runs at (acestep_lora.memory).
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ def compiler_missing(device: torch.device) -> Optional[str]:
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            return "Triton is not installed (torch.compile's GPU kernels need it; on Windows: pip install triton-windows)"
+            return ("Triton is not installed (torch.compile's GPU kernels need it; on Windows: pip install "
+                    "triton-windows)")
     return None
 
 
@@ -167,6 +170,23 @@ def for_training(decoder: torch.nn.Module, mode: str, device: torch.device, dtyp
                       + ("; cuda_graphs ignored (CUDA only)" if cuda_graphs and not graphs else ""))
 
 
-def padded_shape(step_decoder, frames: int, tokens: int) -> tuple[int, int]:
-    """The (frames, condition tokens) a batch of this longest sample runs at: padded to its bucket when compiled."""
-    return step_decoder.bucket(frames, tokens) if isinstance(step_decoder, CompiledDecoder) else (frames, tokens)
+def plan_step(decoder: torch.nn.Module, cfg, model_cfg, targets, data, device: torch.device,
+              dtype: torch.dtype) -> tuple[object, list]:
+    """How a training run's step runs, from its options (``cfg``: a TrainConfig): the decoder the step calls
+    (compiled or not, for_training) and gradient checkpointing, set on ``decoder``, from the memory estimate of the
+    model ``model_cfg`` (2B or XL sizes) at the longest batch's shape, padded to its bucket when compiled
+    (acestep_lora.memory.checkpointing_for). Returns (the step's decoder, the two reasons for the run's header)."""
+    from . import memory
+
+    tokens = [s["encoder_hidden_states"].shape[0] for s in data.samples]
+    step_decoder, compiled = for_training(decoder, cfg.compile, device, dtype, data.lengths, tokens, cfg.batch_size,
+                                          cfg.cuda_graphs)
+    frames, longest = max(data.lengths), max(tokens)
+    if isinstance(step_decoder, CompiledDecoder):  # padded batches cost what their bucket costs
+        frames, longest = step_decoder.bucket(frames, longest)
+    staged = data.bytes() if data.staged_on_device else 0
+    decoder.gradient_checkpointing, checkpointing = memory.checkpointing_for(
+        cfg.gradient_checkpointing, device, model_cfg, cfg.batch_size, frames, longest, cfg.lora_rank, targets,
+        dtype=dtype, dropout=cfg.lora_dropout, counted_bytes=memory.resident_bytes(decoder) + staged,
+        dataset_bytes=staged)
+    return step_decoder, [checkpointing, compiled]

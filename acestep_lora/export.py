@@ -47,15 +47,16 @@ def lora_name_for(lora_name: str, output_dir: str) -> str:
 
 
 def lora_metadata(run_id: str, cfg, variant: str, targets: list, sampling: str, epochs: int, steps: int,
-                  dataset_size: int, trigger_tag: str) -> dict:
-    """The ComfyUI file's safetensors metadata: what the LoRA is and how it was trained (``cfg``: TrainConfig)."""
+                  dataset_size: int, trigger_tag: str, processes: int = 1) -> dict:
+    """The ComfyUI file's safetensors metadata: what the LoRA is and how it was trained (``cfg``: TrainConfig;
+    ``processes``: how many trained it together, distributed.py)."""
     return {"format": "pt", "acestep_lora.run_id": run_id, "acestep_lora.rank": str(cfg.lora_rank),
             "acestep_lora.alpha": f"{cfg.lora_alpha:g}",
             "acestep_lora.base_config": os.path.basename(os.path.normpath(cfg.config_path)),
             "acestep_lora.variant": variant, "acestep_lora.epochs": str(epochs), "acestep_lora.steps": str(steps),
             "acestep_lora.dataset_size": str(dataset_size), "acestep_lora.trigger_tag": trigger_tag,
             "acestep_lora.target_modules": ",".join(targets), "acestep_lora.timestep_sampling": sampling,
-            "acestep_lora.learning_rate": str(cfg.learning_rate)}
+            "acestep_lora.learning_rate": str(cfg.learning_rate), "acestep_lora.processes": str(processes)}
 
 
 def write_lora_files(directory: str, layers: dict, targets: list, rank: int, alpha: float, dropout: float,

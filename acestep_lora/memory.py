@@ -130,8 +130,8 @@ def estimate_peak_bytes(cfg: AceStepConfig, batch: int, frames: int, tokens: int
     resident = decoder_parameters(cfg) * e + lora * (12 + e) + workspace_bytes + dataset_bytes
     token, cond = _saved_per_token(cfg, rank, targets, dropout, e)
     per_layer = token * patches + cond * cond_tokens
-    outside = cond_tokens * h * e * 2 + patches * h * (e + 4) + batch * frames * 64 * 4 * 4  # condition (input,
-    # embedded), final norm, loss terms in fp32
+    # the condition (as input, at the encoder's width, and embedded), the final norm, the loss terms in fp32
+    outside = cond_tokens * (cfg.condition_width + h) * e + patches * h * (e + 4) + batch * frames * 64 * 4 * 4
     working = patches * (3 * i + 2 * h) * e  # backward of the MLP that starts the backward pass
     if checkpointing:  # every layer keeps its input; one layer's activations exist at a time
         activations = layers * patches * h * e + per_layer

@@ -79,11 +79,13 @@ def format_seconds(seconds) -> str:
 
 class MetricsLog:
     """Queues loss tensors, reads them back together, checks them, and logs them (console, train_log.jsonl,
-    progress events). ``on_event`` gets each ProgressEvent; ``advice()`` ends the divergence message."""
+    progress events). ``on_event`` gets each ProgressEvent; ``advice()`` ends the divergence message; ``writes``
+    False: train_log.jsonl is another process's to write (distributed.py), this one keeps the same log in memory."""
 
     def __init__(self, output_dir: str, total_epochs: int, log_every: int, read_every_step: bool,
-                 on_event: Optional[Callable[[ProgressEvent], None]] = None, advice: Callable[[], str] = str):
-        self.jsonl = os.path.join(output_dir, "train_log.jsonl")
+                 on_event: Optional[Callable[[ProgressEvent], None]] = None, advice: Callable[[], str] = str,
+                 writes: bool = True):
+        self.jsonl, self.writes = os.path.join(output_dir, "train_log.jsonl"), writes
         self.total_epochs, self.log_every, self.read_every_step = total_epochs, log_every, read_every_step
         self.on_event, self.advice = on_event, advice
         self.history, self.epoch_log, self.notes, self.lines = [], [], [], []  # notes: {"note", "epoch", "step"}
@@ -106,7 +108,8 @@ class MetricsLog:
         self.lines = [header]
         log.info(header)
         entries = sorted(self.epoch_log + self.notes, key=lambda e: (e["step"], "note" in e))
-        atomic_write_text(self.jsonl, "".join(json.dumps(e) + "\n" for e in entries))
+        if self.writes:
+            atomic_write_text(self.jsonl, "".join(json.dumps(e) + "\n" for e in entries))
         self.started, self.steps_at_start = time.time(), self.step
 
     def add_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
@@ -161,8 +164,9 @@ class MetricsLog:
             self.epoch_log.append(entry)
             self.lines.append(f"epoch {epoch}/{self.total_epochs} step {step}/{self.total_steps} loss {loss:.5f} "
                               f"lr {lr:.2e} {seconds:.2f}s/epoch ETA {format_seconds(eta)}")
-            with open(self.jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+            if self.writes:
+                with open(self.jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(entry) + "\n")
         if epochs and (time.time() - self.last_print > PRINT_EVERY_SECONDS or self.step == self.total_steps):
             log.info(self.lines[-1])
             self.last_print = time.time()

@@ -31,12 +31,20 @@ from .audio import LONG_AUDIO_CHOICES
 from .checkpoint import DEFAULT_CONFIG_PATH
 from .compile import COMPILE_MODES
 from .device import DEVICE_CHOICES
+from .source import AUTO, VARIANT_CHOICES as VARIANTS
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 TIMESTEP_SAMPLING = ("auto", "turbo_discrete", "logit_normal")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 TAG_POSITIONS = ("append", "prepend", "replace")
 COMFY_DTYPES = ("bfloat16", "float16", "float32")
+# The model input (config_path) of Prepare and Train; the nodes list what they find (acestep_lora.source).
+MODEL_TOOLTIP = ("The model: an official DiT folder (acestep-v15-*, XL included, in checkpoint_dir) or a ComfyUI "
+                 "file (diffusion_models/..., or an all-in-one checkpoints/...).")
+MODEL_CLI_HELP = ("The model: a DiT folder inside --checkpoint-dir (any acestep-v15-*, XL included), or a ComfyUI "
+                  "diffusion-model or all-in-one .safetensors file (absolute, or relative to --checkpoint-dir).")
+VARIANT_TOOLTIP = ("turbo, base or sft. auto: an official folder's config.json says it, a ComfyUI file's name does "
+                   "(acestep_v1.5_turbo); choose it for a file whose name says neither.")
 
 REQUIRED, OPTIONAL = "required", "optional"  # the node sections an option's widget can sit in
 NO_DEFAULT: Any = MISSING  # an option that must be given (a required flag on the command line)
@@ -89,10 +97,31 @@ class PrepareSettings:
     """How Prepare encodes (``prepare.prepare_dataset``); the audio and the output folder are its arguments."""
 
     checkpoint_dir: str = field(metadata=option(
-        "The official ACE-Step 1.5 download (folders acestep-v15-*, vae, Qwen3-Embedding-0.6B).", node=REQUIRED))
+        "The official ACE-Step 1.5 download (folders acestep-v15-*, vae, Qwen3-Embedding-0.6B); its DiT folders "
+        "are listed in config_path. Not needed with ComfyUI's own model files.", node=REQUIRED, advanced=True,
+        cli_help="The official ACE-Step 1.5 download (folders acestep-v15-*, vae, Qwen3-Embedding-0.6B), or the "
+                 "folder a relative .safetensors --config-path, --vae or --text-encoder is in."))
     config_path: str = field(default=DEFAULT_CONFIG_PATH, metadata=option(
-        "DiT folder inside checkpoint_dir. Train with the same one.", node=REQUIRED,
-        cli_help="DiT folder inside --checkpoint-dir (any acestep-v15-* folder). Train with the same one."))
+        MODEL_TOOLTIP + " Train with the same one.", node=REQUIRED,
+        cli_help=MODEL_CLI_HELP + " Train with the same one."))
+    # The parts a ComfyUI diffusion-model file lacks (an official folder and an all-in-one file bring their own),
+    # and the variant a file name may not say. Node widgets at the end (saved workflows keep their positions).
+    vae: str = field(default=AUTO, metadata=option(
+        "VAE for a ComfyUI model file. auto: an all-in-one file's own, else ace_1.5_vae.safetensors from "
+        "models/vae, else the official folder's. An official DiT folder always uses its own.", advanced=True,
+        node=OPTIONAL, node_after="detect_bpm",
+        cli_help="VAE file for a .safetensors --config-path (ComfyUI's ace_1.5_vae.safetensors). auto: an "
+                 "all-in-one file's own, else the --checkpoint-dir folder's."))
+    text_encoder: str = field(default=AUTO, metadata=option(
+        "Text encoder for a ComfyUI model file. auto: an all-in-one file's own, else qwen_0.6b_ace15.safetensors "
+        "from models/text_encoders, else the official folder's. Its tokenizer is ComfyUI's own. An official DiT "
+        "folder always uses its own.", advanced=True, node=OPTIONAL, node_after="vae",
+        cli_help="Text encoder file for a .safetensors --config-path (ComfyUI's qwen_0.6b_ace15.safetensors). "
+                 "auto: an all-in-one file's own, else the --checkpoint-dir folder's. Tokenizer: the "
+                 "--checkpoint-dir folder's Qwen3-Embedding-0.6B, else the ComfyUI install's own "
+                 "(comfy/text_encoders/qwen25_tokenizer above the file)."))
+    variant: str = field(default=AUTO, metadata=option(
+        VARIANT_TOOLTIP, choices=VARIANTS, advanced=True, node=OPTIONAL, node_after="text_encoder"))
     device: str = field(default="auto", metadata=option(
         "auto = CUDA, else Apple MPS, else CPU.", choices=DEVICE_CHOICES, open_choices=True, node=REQUIRED,
         advanced=True, cli_help="auto, cuda, mps or cpu (or cuda:N): auto = CUDA, else Apple MPS, else CPU."))
@@ -136,7 +165,10 @@ class TrainConfig:
         node_default="acestep_lora/tensors",
         cli_help="The folder prepare wrote (manifest.json and one .pt per sample)."))
     checkpoint_dir: str = field(metadata=option(
-        "The official ACE-Step 1.5 download (same as in Prepare).", node=REQUIRED))
+        "The official ACE-Step 1.5 download (same as in Prepare); not needed with ComfyUI's own model files.",
+        node=REQUIRED, advanced=True,
+        cli_help="The official ACE-Step 1.5 download (same as for prepare), or the folder a relative .safetensors "
+                 "--config-path is in."))
     output_dir: str = field(metadata=option(
         "Folder for checkpoints and the final adapter; its name is the LoRA's name. A new run needs an empty "
         "folder (or resume_from = latest).", node=REQUIRED, node_default="acestep_lora/runs/my_lora",
@@ -144,7 +176,11 @@ class TrainConfig:
         cli_help="Folder for checkpoints and the final adapter; its name is the LoRA's name. A new run needs an "
                  "empty folder (or --resume-from latest)."))
     config_path: str = field(default=DEFAULT_CONFIG_PATH, metadata=option(
-        "DiT to train: the one the tensors were prepared with.", node=REQUIRED))
+        MODEL_TOOLTIP + " Train the one the tensors were prepared with.", node=REQUIRED,
+        cli_help=MODEL_CLI_HELP + " Train the one the tensors were prepared with."))
+    variant: str = field(default=AUTO, metadata=option(
+        VARIANT_TOOLTIP + " It decides the training timesteps.", choices=VARIANTS, advanced=True, node=OPTIONAL,
+        node_after="device"))
     lora_rank: int = field(default=64, metadata=option(
         "LoRA rank: capacity. 32 quick test, 64 standard, 128 large datasets.", min=4, max=256, step=4,
         node=REQUIRED, flags=("--lora-rank", "--rank")))
@@ -215,6 +251,9 @@ class TrainConfig:
         "GPU; on CPU every step).", min=1, max=10000, advanced=True))
     comfy_dtype: str = field(default="bfloat16", metadata=option(
         "Weight dtype of the ComfyUI LoRA file.", choices=COMFY_DTYPES, advanced=True))
+    dist_timeout: int = field(default=1800, metadata=option(
+        "Several processes (torchrun): seconds a process waits for the others at a step (process 0's checkpoints "
+        "and epoch hooks included) before the run stops as hung.", min=60, max=86400, advanced=True))
     # speed: the compiled step (acestep_lora/compile.py)
     compile: str = field(default="auto", metadata=option(
         "Compile the training step with torch.compile: fewer, fused GPU kernels, so faster steps; the first step of "

@@ -24,8 +24,14 @@ from, lyrics, bpm and whether typed or detected, key, language, notes such as "c
 name"), and ``manifest.json``'s ``samples_info`` holds the same facts, one entry per training sample.
 
 Each sample's tensors are cached under a content hash of (audio, the window of it used, metadata, tempo detection,
-checkpoint identity, dtype, preprocessing version): re-running encodes nothing, adding a sample encodes only that
-one.
+model identity, dtype, preprocessing version): re-running encodes nothing, adding a sample encodes only that one.
+The VAE posterior sample is drawn with a seed made from the audio and its window alone, so the same clip gets the
+same latents whichever files hold the model (the official folder or ComfyUI's files, source.py) and whatever its
+caption.
+
+The model comes from ``source.ModelSource``: the official folder, or ComfyUI-format files (split or all-in-one),
+with the silence latent derived from the VAE when no ``silence_latent.pt`` exists; the status says which files
+were used and what was chosen or derived automatically.
 """
 from __future__ import annotations
 
@@ -42,8 +48,6 @@ import torch
 
 from . import audio as audio_io
 from . import samples as sample_files
-from .checkpoint import (TEXT_ENCODER_DIR, VAE_DIR, dit_dir, dit_identity, folder_identity, load_config,
-                         load_dit, load_silence_latent, require_dir)
 from .device import compute_dtype, release_memory, resolve_device
 from .fileio import atomic_save, sha256_file
 from .manifest import PREPROCESS_VERSION, TENSOR_KEYS, DatasetMetadata, Manifest, SampleInfo
@@ -51,6 +55,7 @@ from .metadata import (INSTRUMENTAL_LYRICS, normalize_bpm, normalize_keyscale, n
                        normalize_lyrics, normalize_timesignature, prompt_language)
 from .prompts import apply_custom_tag, caption_prompt, lyrics_prompt
 from .options import PrepareSettings  # declared in the option table, with its node and CLI facts
+from .source import Folders, ModelSource, from_config
 
 LONG_AUDIO_CHOICES = audio_io.LONG_AUDIO_CHOICES
 # ACE-Step generates 10-600 s (official DURATION_MIN / DURATION_MAX): a shorter clip teaches a length the model is
@@ -106,6 +111,7 @@ class PrepareResult:
     warnings: list = field(default_factory=list)  # what to check before training, one line each
     table: str = ""  # the per-file table of what will be trained on
     samples_info: list = field(default_factory=list)  # [manifest.SampleInfo], as in manifest.json
+    model: str = ""  # which model files were used (ModelSource.describe)
 
 
 @dataclass
@@ -141,6 +147,7 @@ class _Piece:
     notes: list = field(default_factory=list)
     key: str = ""
     file: str = ""
+    seed: int = 0  # of the VAE posterior sample: from the audio and its window only
 
     @property
     def label(self) -> str:
@@ -277,22 +284,11 @@ def _cut(src: _Source, settings: PrepareSettings, identity: dict) -> list[_Piece
                    "keyscale": src.keyscale, "language": src.language, "timesignature": src.timesignature,
                    **identity, "version": PREPROCESS_VERSION}
         piece.key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        piece.seed = int(hashlib.sha256(f"{src.content}:{start}:{frames}".encode()).hexdigest()[:15], 16)
         part = f"_part{index + 1}of{len(windows)}" if len(windows) > 1 else ""
         piece.file = f"{_slug(stem)}{part}_{piece.key[:12]}.pt"
         pieces.append(piece)
     return pieces
-
-
-def checkpoint_fingerprint(checkpoint_dir: str, config_path: str) -> dict:
-    """What the cached tensors depend on: the DiT (condition encoder, silence latent), the VAE, the text encoder."""
-    cfg = load_config(checkpoint_dir, config_path)
-    return {"config_path": os.path.basename(os.path.normpath(config_path)), "variant": cfg.variant,
-            "is_turbo": cfg.is_turbo, "condition_width": (cfg.encoder_hidden_size or cfg.hidden_size),
-            "dit": dit_identity(checkpoint_dir, config_path),
-            "vae": folder_identity(require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")),
-            "text_encoder": folder_identity(require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR),
-                                                        "Text encoder"))}
-
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -317,11 +313,12 @@ def context_latents_for(silence: torch.Tensor, frames: int) -> torch.Tensor:
 def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: PrepareSettings,
                     progress: Optional[Callable[[int, int, str], None]] = None,
                     check_cancel: Optional[Callable[[], None]] = None,
-                    input_notes: Optional[list[str]] = None) -> PrepareResult:
+                    input_notes: Optional[list[str]] = None, folders: Optional[Folders] = None) -> PrepareResult:
     """Encode ``items`` into ``output_dir``. Every input is checked (file headers only) before any model loads;
     each new training sample is then decoded once, checked for silence, tempo-detected and encoded.
 
     ``input_notes``: lines the caller wants in the status's warnings (e.g. how a typed list was split).
+    ``folders``: ComfyUI's model folders, where the nodes' dropdown entries (diffusion_models/...) are found.
     """
     started = time.time()
     if not items:
@@ -332,8 +329,9 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
     if settings.long_audio not in LONG_AUDIO_CHOICES:
         raise ValueError(f"long_audio '{settings.long_audio}' is not one of {', '.join(LONG_AUDIO_CHOICES)}: "
                          "'segments' trains on every part of a long file, 'crop' on its first max_duration seconds.")
-    dit_dir(settings.checkpoint_dir, settings.config_path)  # unknown config_path / missing folders fail here
-    fingerprint = checkpoint_fingerprint(settings.checkpoint_dir, settings.config_path)
+    source = from_config(settings, folders)  # an unknown model, missing or mismatched files fail here
+    source.require("vae", "text_encoder")
+    fingerprint = source.identity()
     _check_output_dir(output_dir)
     device = resolve_device(settings.device)
     dtype = compute_dtype(device)
@@ -358,7 +356,7 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
                 if piece.bpm is None and settings.detect_bpm:
                     piece.bpm, piece.bpm_source, _ = sample_files.detect_tempo(waveform, rate)
                 if models is None:
-                    models = _Models(settings, device, dtype)
+                    models = _Models(settings, source, device, dtype)
                 data = models.encode(piece, waveform, rate)
                 del waveform
                 atomic_save(os.path.join(output_dir, piece.file), lambda p, d=data: torch.save(d, p))
@@ -385,12 +383,13 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
     header = _header(len(pieces), sources, len(encoded), total_seconds,
                      sum(metas[p.file]["duration"] for p in encoded), elapsed, device.type, output_dir)
     table = format_table(samples_info)
-    status = header
+    model = source.describe()
+    status = f"{header}\nModel: {model}"
     if warnings:
         status += "\n\nCheck before training:\n" + "\n".join(f"  - {w}" for w in warnings)
     status += "\n\n" + table
     return PrepareResult(output_dir, status, len(encoded), len(pieces) - len(encoded), [p.file for p in pieces],
-                         total_seconds, header, warnings, table, samples_info)
+                         total_seconds, header, warnings, table, samples_info, model)
 
 
 def _decode(piece: _Piece, encoded_so_far: int) -> tuple[torch.Tensor, int]:
@@ -608,16 +607,12 @@ def _cached_metadata(path: str, key: str) -> Optional[dict]:
 class _Models:
     """VAE, text encoder and condition encoder, loaded once per run on the chosen device."""
 
-    def __init__(self, settings: PrepareSettings, device: torch.device, dtype: torch.dtype):
-        from .text import load_text_encoder
-        from .vae import load_vae
-
+    def __init__(self, settings: PrepareSettings, source: ModelSource, device: torch.device, dtype: torch.dtype):
         self.settings, self.device, self.dtype = settings, device, dtype
-        self.vae = load_vae(settings.checkpoint_dir, device=device, dtype=dtype, decoder=False)  # encodes only
-        self.text = load_text_encoder(settings.checkpoint_dir, device=device, dtype=dtype)
-        self.dit = load_dit(settings.checkpoint_dir, settings.config_path, device=device, dtype=dtype,
-                            components=("encoder",))
-        self.silence = load_silence_latent(settings.checkpoint_dir, settings.config_path, device=device, dtype=dtype)
+        self.vae = source.load_vae(device=device, dtype=dtype, decoder=False)  # encodes only
+        self.text = source.load_text_encoder(device=device, dtype=dtype)
+        self.dit = source.load_dit(("encoder",), device=device, dtype=dtype)
+        self.silence = source.load_silence_latent(device=device, dtype=dtype)
 
     @torch.no_grad()
     def encode(self, piece: _Piece, waveform: torch.Tensor, rate: int) -> dict:
@@ -627,7 +622,7 @@ class _Models:
         duration = audio.shape[-1] / self.vae.sample_rate
         posterior = self.vae.encode_tiled(audio.unsqueeze(0), self.settings.vae_chunk_seconds,
                                           self.settings.vae_overlap_seconds)
-        generator = torch.Generator().manual_seed(int(piece.key[:15], 16))
+        generator = torch.Generator().manual_seed(piece.seed)
         latents = posterior.sample(generator)[0].transpose(0, 1)  # (T, 64)
         frames = latents.shape[0]
 

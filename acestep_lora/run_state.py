@@ -27,7 +27,8 @@ INFO_FILE = "checkpoint.json"
 STATE_FORMAT = 1
 # Bump when a change to objective.py, the training loop, the optimizer or the schedule changes what the same
 # signature trains: finished runs of an older version are then trained again instead of reused.
-TRAINING_VERSION = 1
+# 2: each micro-batch's random draws are seeded from (seed, step, part) (seed_draws), not drawn in sequence.
+TRAINING_VERSION = 2
 IDENTITY_KEYS = ("lora_rank", "lora_alpha", "target_modules", "config_path")  # what a resume must keep
 
 
@@ -152,10 +153,12 @@ def _not_ours(role: str, directory: str, path: str, why: str) -> str:
             "folder, or leave resume_from empty to start a new run.")
 
 
-def run_signature(cfg, sampling: str, dataset: str, base_model: str, compute: str) -> dict:
-    """Everything that determines the trained adapter: same signature, same result. ``cfg``: a TrainConfig."""
+def run_signature(cfg, sampling: str, dataset: str, base_model: str, compute: str, world_size: int = 1) -> dict:
+    """Everything that determines the trained adapter: same signature, same result. ``cfg``: a TrainConfig;
+    ``world_size``: the number of training processes (distributed.py)."""
     return {"training_version": TRAINING_VERSION, "config_path": os.path.basename(os.path.normpath(cfg.config_path)),
-            "base_model": base_model, "compute": compute, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+            "base_model": base_model, "compute": compute, "world_size": world_size, "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "learning_rate": cfg.learning_rate, "train_epochs": cfg.train_epochs,
             "batch_size": cfg.batch_size, "gradient_accumulation": cfg.gradient_accumulation, "seed": cfg.seed,
             "target_modules": sorted({t.strip() for t in cfg.target_modules.split(",") if t.strip()}),
@@ -255,15 +258,17 @@ class Continuation:
 
 
 def continue_on(state: RunState, position: Position, keys: Optional[list], dataset: str, dataset_size: int,
-                cfg, steps_per_epoch: int) -> Continuation:
+                cfg, steps_per_epoch: int, world_size: int = 1) -> Continuation:
     """Continue ``state`` on the dataset (``keys``: each sample's cache key; ``dataset``: its fingerprint) and the
-    settings (``cfg``) as they are now.
+    settings (``cfg``, ``world_size`` processes) as they are now.
 
     Unchanged, nothing moves and the run continues bit for bit. Changed (samples removed or added since the
     checkpoint): the rest of an interrupted epoch keeps the samples that still exist, found by their key
     (removed ones are dropped), new samples join from the next epoch, and the total step count — steps done +
     the rest of this epoch + the remaining epochs x the new steps per epoch — is recomputed (as it is when
-    train_epochs, batch_size or gradient_accumulation changed); the caller recomputes the schedule over it."""
+    train_epochs, batch_size, gradient_accumulation or the number of processes changed); the caller recomputes the
+    schedule over it. The position is one in the run's global order of micro-batches, whatever the number of
+    processes: the same global batch (processes x gradient_accumulation) continues the same training."""
     saved, order, next_batch = state.dataset_keys, position.order, position.next_batch
     keyed = saved is not None and keys is not None
     changed = saved != keys if keyed else state.signature.get("dataset") != dataset
@@ -285,18 +290,22 @@ def continue_on(state: RunState, position: Position, keys: Optional[list], datas
             next_batch = 0
     rest = 0
     if order is not None and position.epoch <= cfg.train_epochs:
-        rest = math.ceil((len(order) - next_batch) / cfg.gradient_accumulation)
+        rest = math.ceil((len(order) - next_batch) / (cfg.gradient_accumulation * world_size))
     later = max(0, cfg.train_epochs - position.epoch + (1 if order is None else 0))
     total = state.global_step + rest + later * steps_per_epoch
     moved = dataclasses.replace(position, order=order, next_batch=next_batch)
-    was = state.settings
+    was, was_world = state.settings, state.settings.get("world_size", 1)
     settings = [f"{k} {was.get(k)} -> {getattr(cfg, k)}" for k in ("train_epochs", "batch_size",
                                                                      "gradient_accumulation")
                 if was.get(k) != getattr(cfg, k)]
+    if was_world != world_size:
+        settings.append(f"processes {was_world} -> {world_size} (global batch "
+                        f"{was_world * was['batch_size'] * was['gradient_accumulation']} -> "
+                        f"{world_size * cfg.batch_size * cfg.gradient_accumulation} samples)")
     if not changed and not settings:
         return Continuation(moved, total, None)
     old_steps = state.steps_per_epoch or math.ceil(math.ceil(was["dataset_size"] / was["batch_size"])
-                                                   / was["gradient_accumulation"])
+                                                   / (was["gradient_accumulation"] * was_world))
     reasons = ([f"dataset changed since the checkpoint: {what}"] if changed else []) + settings
     note = (f"{'; '.join(reasons)}; {old_steps} -> {steps_per_epoch} steps per epoch, {total} steps in all; "
             "schedule recomputed")
@@ -306,8 +315,37 @@ def continue_on(state: RunState, position: Position, keys: Optional[list], datas
 # ---------------------------------------------------------------------------------------------------------------
 # Random number generators
 
+def seed_draws(seed: int, step: int, part: int, device: torch.device, noise_gen: torch.Generator) -> None:
+    """Seed the random draws of micro-batch ``part`` of optimizer step ``step`` from (seed, step, part) alone: the
+    noise, timesteps and condition dropout (``noise_gen``) and the LoRA dropout masks (``device``'s default
+    generator). A micro-batch so draws the same in whichever process computes it (distributed.py) and after any
+    resume; nothing drawn between steps (an epoch hook's) changes training."""
+    draws = _mix(seed, step, part)
+    noise_gen.manual_seed(draws)
+    dropout = _mix(draws, 1)  # another stream: a CUDA noise generator and the default one share the algorithm
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None
+                                      else torch.cuda.current_device()].manual_seed(dropout)
+    elif device.type == "mps":
+        torch.mps.manual_seed(dropout)
+    else:
+        torch.default_generator.manual_seed(dropout)
+
+
+def _mix(*values: int) -> int:
+    """A well-spread 63-bit seed from integers (splitmix64 over each in turn)."""
+    mask, h = 2 ** 64 - 1, 0
+    for v in values:
+        h = (h ^ (v & mask)) + 0x9E3779B97F4A7C15 & mask
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
+        h ^= h >> 31
+    return h >> 1
+
+
 def rng_snapshot(device: torch.device, noise_gen: torch.Generator) -> dict:
-    """The global CPU RNG (LoRA dropout), the noise generator, and CUDA's RNG on a GPU."""
+    """The global CPU RNG, the noise generator, and CUDA's RNG on a GPU (every micro-batch reseeds the ones training
+    draws from, seed_draws; the snapshot keeps the rest of the process as it was)."""
     snap = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
     if device.type == "cuda":
         snap["cuda"] = torch.cuda.get_rng_state(device)

@@ -6,14 +6,17 @@ files, or one all-in-one checkpoint, with parts it lacks filled from an official
 answer the same calls (``load_dit``, ``load_vae``, ``load_text_encoder``, ``load_silence_latent``, ``identity``,
 ``describe``), so the trainer and the preparation code never look at file layouts.
 
-``resolve_choice`` turns what the nodes' dropdowns show (official DiT folders, ComfyUI files, "auto" for the VAE
-and text encoder) into a source, and ``model_choices`` / ``default_model_choice`` build those dropdowns.
+``resolve_choice`` turns what Prepare and Train are given into a source: the nodes' dropdown entries (official DiT
+folders, ``diffusion_models/<file>``, ``checkpoints/<file>``, "auto" or ``vae/<file>`` / ``text_encoders/<file>``)
+or, on the command line, file paths. ``model_choices`` / ``part_choices`` / ``default_model_choice`` build the
+dropdowns from ComfyUI's model folders (``Folders``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,7 +48,8 @@ class ModelSource:
     tokenizer_dirs: tuple = ()
     silence_latent_file: Optional[str] = None
     given_variant: Optional[str] = None
-    notes: list = field(default_factory=list)  # what was chosen automatically, for describe()
+    variant_given_where: str = "the variant input"  # Train: "Prepare's variant input", when taken from the manifest
+    auto_parts: tuple = ()  # "vae", "text_encoder": picked by vae / text_encoder = auto, for describe()
     _config: Optional[AceStepConfig] = field(default=None, repr=False)
     _silence: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -125,12 +129,13 @@ class ModelSource:
     def variant_origin(self) -> str:
         if self.kind == OFFICIAL:
             return "config.json"
-        return "chosen" if self.given_variant else "file name"
+        return self.variant_given_where if self.given_variant else "the file name"
 
     def _official_part(self, sub: str) -> Optional[str]:
+        """The official folder's vae/ or Qwen3-Embedding-0.6B/ (a ComfyUI models/vae folder is none: no config)."""
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
         path = os.path.join(root, sub) if root else None
-        return path if path and os.path.isdir(path) else None
+        return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
 
     def tokenizer_dir(self) -> Optional[str]:
         """The tokenizer folder used with a ComfyUI text-encoder file: the official one first (exact), then the
@@ -164,22 +169,30 @@ class ModelSource:
         return native.load_dit_file(self.dit_file, self.given_variant, device=device, dtype=dtype,
                                     components=components)
 
-    def load_vae(self, device="cpu", dtype: torch.dtype = torch.float32):
+    def load_vae(self, device="cpu", dtype: torch.dtype = torch.float32, decoder: bool = True):
+        """``decoder=False``: the encoder alone (Prepare only encodes)."""
         from .vae import load_vae
 
         self.require("vae")
         if self.kind == COMFY and self.vae_file:
-            return native.load_vae_file(self.vae_file, device=device, dtype=dtype)
+            return native.load_vae_file(self.vae_file, device=device, dtype=dtype, decoder=decoder)
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
-        return load_vae(root, device=device, dtype=dtype)
+        return load_vae(root, device=device, dtype=dtype, decoder=decoder)
 
     def load_text_encoder(self, device="cpu", dtype: torch.dtype = torch.float32):
         from .text import load_text_encoder, load_tokenizer
 
         self.require("text_encoder")
         if self.kind == COMFY and self.text_encoder_file:
-            return native.load_text_encoder_file(self.text_encoder_file, load_tokenizer(self.tokenizer_dir()),
-                                                 device=device, dtype=dtype)
+            tokenizer_dir = self.tokenizer_dir()
+            encoder = native.load_text_encoder_file(self.text_encoder_file, load_tokenizer(tokenizer_dir),
+                                                    device=device, dtype=dtype)
+            rows = encoder.model.get_input_embeddings().num_embeddings
+            if len(encoder.tokenizer) > rows:
+                raise ValueError(f"the tokenizer in '{tokenizer_dir}' knows {len(encoder.tokenizer)} tokens, the text "
+                                 f"encoder '{self.text_encoder_file}' only {rows}: they do not belong together. "
+                                 "Use ComfyUI's qwen_0.6b_ace15.safetensors with ComfyUI's qwen25_tokenizer.")
+            return encoder
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
         return load_text_encoder(root, device=device, dtype=dtype)
 
@@ -197,9 +210,16 @@ class ModelSource:
     # ------------------------------------------------------------------------------------------------------------
     # Identity and description
 
+    def dit_identity(self) -> str:
+        """Fingerprint of the DiT weights alone (what a training run's signature records)."""
+        if self.kind == OFFICIAL:
+            return dit_identity(self.checkpoint_dir, self.config_path)
+        return file_identity(self.dit_file)
+
     def identity(self) -> dict:
         """What tensors prepared from this source depend on (the preparation cache key). For the official folder
-        it equals ``prepare.checkpoint_fingerprint``, so switching Prepare to sources keeps existing caches."""
+        it equals the fingerprint Prepare computed before sources existed (tests/test_native.py keeps it), so existing
+        caches stay valid."""
         cfg = self.config
         out = {"config_path": self.name, "variant": cfg.variant, "is_turbo": cfg.is_turbo,
                "condition_width": cfg.condition_width}
@@ -211,7 +231,7 @@ class ModelSource:
             return out
         vae_dir, te_dir = self._official_part(VAE_DIR), self._official_part(TEXT_ENCODER_DIR)
         tokenizer = self.tokenizer_dir() if self.text_encoder_file else None
-        out.update(source=COMFY, dit=file_identity(self.dit_file),
+        out.update(source=COMFY, dit=self.dit_identity(),
                    vae=(file_identity(self.vae_file) if self.vae_file else
                         folder_identity(vae_dir) if vae_dir else None),
                    text_encoder=(file_identity(self.text_encoder_file) if self.text_encoder_file else
@@ -221,23 +241,37 @@ class ModelSource:
                                    else "derived from the VAE"))
         return out
 
-    def describe(self) -> str:
-        """Several lines saying which files are used and what was chosen or derived automatically."""
+    def describe_dit(self) -> str:
+        """One line: which model, from which folder or file, and where its variant came from."""
         cfg = self.config
         head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
         if self.kind == OFFICIAL:
             return f"{head} from the official folder {dit_dir(self.checkpoint_dir, self.config_path)}"
+        return f"{head} from the ComfyUI file {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"
+
+    def describe(self) -> str:
+        """Several lines saying which files are used and what was chosen or derived automatically."""
+        if self.kind == OFFICIAL:
+            return self.describe_dit()
+        cfg = self.config
+        head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
         lines = [f"{head} from ComfyUI files:",
-                 f"  diffusion model: {self.dit_file} (variant '{cfg.variant}' from the {self.variant_origin})"]
-        official_vae, official_te = self._official_part(VAE_DIR), self._official_part(TEXT_ENCODER_DIR)
-        lines.append(f"  VAE: {self.vae_file or official_vae or 'none'}")
-        lines.append(f"  text encoder: {self.text_encoder_file or official_te or 'none'}")
+                 f"  diffusion model: {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"]
+        for label, part, file, sub in (("VAE", native.VAE, self.vae_file, VAE_DIR),
+                                       ("text encoder", native.TEXT_ENCODER, self.text_encoder_file, TEXT_ENCODER_DIR)):
+            if file:
+                how = (" (in the all-in-one file)" if file == self.dit_file else
+                       " (auto)" if part in self.auto_parts else "")
+                lines.append(f"  {label}: {file}{how}")
+            else:
+                official = self._official_part(sub)
+                lines.append(f"  {label}: {official} (auto: no {label} file found, the official folder's)"
+                             if official else f"  {label}: none")
         if self.text_encoder_file:
             lines.append(f"  tokenizer: {self.tokenizer_dir() or 'none found'}")
         lines.append("  silence latent: " + (self.silence_latent_file or
                                             "derived from the VAE (posterior mean of digital silence; the official "
                                             "folder ships it as silence_latent.pt)"))
-        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -302,13 +336,36 @@ def default_model_choice(choices: Sequence[str]) -> Optional[str]:
     return ranked[0] if ranked else None
 
 
-def _find(dirs: Iterable[str], rel: str, what: str) -> str:
-    for d in dirs:
-        path = os.path.join(d, *rel.split("/"))
+COMFY_FILES_HINT = (
+    "Or use ComfyUI's ACE-Step 1.5 files (Comfy-Org/ace_step_1.5_ComfyUI_files): "
+    "models/diffusion_models/acestep_v1.5_turbo.safetensors, models/vae/ace_1.5_vae.safetensors and "
+    "models/text_encoders/qwen_0.6b_ace15.safetensors (or one all-in-one file in models/checkpoints), then "
+    "refresh (R) and choose diffusion_models/... in config_path.")
+VARIANT_CHOICES = (AUTO, *VARIANT_FIELDS)
+
+
+def is_file_choice(model: str) -> bool:
+    """A ComfyUI file (dropdown entry ``diffusion_models/...`` / ``checkpoints/...``, or a .safetensors path)
+    rather than an official DiT folder."""
+    return model.startswith((DIFFUSION_MODELS + "/", CHECKPOINTS + "/")) or model.lower().endswith(native.EXTENSIONS)
+
+
+def _find(value: str, folders: Folders, what: str) -> str:
+    """The file a dropdown entry ("vae/ace_1.5_vae.safetensors": in ComfyUI's vae folders) or a typed path
+    (absolute, or relative to checkpoint_dir or the current folder) names."""
+    value, base = os.path.expanduser(value.strip()), folders.checkpoint_dir
+    sub, _, rel = value.partition("/")
+    dirs = {DIFFUSION_MODELS: folders.diffusion_models, CHECKPOINTS: folders.checkpoints, VAES: folders.vae,
+            TEXT_ENCODERS: folders.text_encoders}.get(sub, ()) if rel else ()
+    candidates = [os.path.join(d, *rel.split("/")) for d in dirs]
+    if base and not os.path.isabs(value):
+        candidates.append(os.path.join(base, value))
+    candidates.append(value)
+    for path in candidates:
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{what} '{rel}' was not found in {list(dirs)}; refresh the node (R) to list the "
-                            "files that exist now.")
+    raise FileNotFoundError(f"{what} '{value}' was not found (looked in {list(dict.fromkeys(candidates))}); "
+                            "refresh the node (R) to list the files that exist now.")
 
 
 def _auto_part(folders: Folders, part: str, preferred: str) -> Optional[str]:
@@ -320,43 +377,95 @@ def _auto_part(folders: Folders, part: str, preferred: str) -> Optional[str]:
     return files[0].path if files else None
 
 
+def comfy_tokenizer_near(path: str, levels: int = 5) -> Optional[str]:
+    """ComfyUI's bundled Qwen tokenizer (``comfy/text_encoders/qwen25_tokenizer``) of the ComfyUI install a model
+    file sits in (``ComfyUI/models/text_encoders/x`` -> ``ComfyUI/comfy/...``): the command line's way to it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for _ in range(levels):
+        candidate = os.path.join(folder, "comfy", "text_encoders", "qwen25_tokenizer")
+        if os.path.isdir(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
 def resolve_choice(model: str, folders: Folders, vae: str = AUTO, text_encoder: str = AUTO,
-                   variant: Optional[str] = None) -> ModelSource:
-    """The source for the dropdown values. ``auto`` picks, in order: the part inside the chosen all-in-one
-    checkpoint, Comfy-Org's file name (ace_1.5_vae / qwen_0.6b_ace15), any other recognised file, the official
-    folder's part; what it picked is listed in ``describe()``."""
+                   variant: Optional[str] = None, prepared: Optional[dict] = None) -> ModelSource:
+    """The source Prepare and Train use, from their inputs.
+
+    ``model`` (config_path): an official DiT folder name in ``folders.checkpoint_dir`` (or its absolute path); a
+    dropdown entry ``diffusion_models/<file>`` / ``checkpoints/<file>`` found in ComfyUI's folders; or a
+    .safetensors path (absolute, or relative to checkpoint_dir or the current folder). ``vae`` / ``text_encoder``:
+    ``auto``, ``vae/<file>`` / ``text_encoders/<file>``, or a path. ``auto`` picks, in order: the part inside the
+    chosen all-in-one checkpoint, Comfy-Org's file name (ace_1.5_vae / qwen_0.6b_ace15), any other recognised
+    file, the official folder's part; what it picked is listed in ``describe()``. ``variant``: None or "auto"
+    (config.json, or the file name), else turbo / base / sft. ``prepared``: the identity Prepare recorded
+    (manifest "checkpoint"); Train takes the variant chosen there for the same file when its name does not say.
+    """
+    model = (model or "").strip()
     if not model:
-        raise ValueError("no model chosen: download ACE-Step 1.5 (official folder or ComfyUI's files) and refresh.")
-    is_file = model.startswith((DIFFUSION_MODELS + "/", CHECKPOINTS + "/"))
-    if not is_file and vae == AUTO and text_encoder == AUTO:
-        if folders.checkpoint_dir is None:
-            raise ValueError(f"model '{model}' is an official DiT folder name but no checkpoint_dir was given.")
-        return ModelSource.official(folders.checkpoint_dir, model)
-    if not is_file:
-        raise ValueError(f"model '{model}' is an official folder: it brings its own VAE and text encoder; set vae "
-                         "and text_encoder to auto, or choose the ComfyUI diffusion-model file instead.")
-    sub, rel = model.split("/", 1)
-    path = _find(folders.diffusion_models if sub == DIFFUSION_MODELS else folders.checkpoints, rel, sub)
-    notes = []
+        raise ValueError("config_path is empty: choose the model (an official acestep-v15-* folder or a ComfyUI "
+                         "diffusion_models/... file).")
+    variant = None if variant in (None, "", AUTO) else variant
+    if variant is not None and variant not in VARIANT_FIELDS:
+        raise ValueError(f"variant '{variant}' is not one of {list(VARIANT_CHOICES)}.")
+    vae, text_encoder = (vae or AUTO).strip(), (text_encoder or AUTO).strip()
+    if not is_file_choice(model):
+        if vae != AUTO or text_encoder != AUTO:
+            raise ValueError(f"config_path '{model}' is an official folder: it brings its own VAE and text encoder; "
+                             "set vae and text_encoder to auto, or choose a ComfyUI diffusion_models/... file.")
+        if folders.checkpoint_dir is None and not os.path.isabs(model):
+            raise ValueError(f"config_path '{model}' is an official DiT folder name but no checkpoint_dir was given.")
+        try:
+            source = ModelSource.official(folders.checkpoint_dir or "", model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}\n{COMFY_FILES_HINT}") from None
+        if variant is not None and variant != source.variant:
+            raise ValueError(f"variant '{variant}' contradicts {model}/config.json ('{source.variant}'); an official "
+                             "folder says its variant itself: set variant to auto.")
+        return source
+    path = _find(model, folders, "config_path")
+    found = native.classify_file(path)
+    if found is None or found.kind not in (native.DIT, native.CHECKPOINT):
+        what = f"an ACE-Step 1.5 {native.PART_NAMES[found.kind]} file" if found else \
+            "not an ACE-Step 1.5 file in ComfyUI's format (checked its tensor names and shapes)"
+        raise ValueError(f"config_path '{model}' is {what}; choose a diffusion model (models/diffusion_models) "
+                         "or an all-in-one checkpoint (models/checkpoints).")
+    all_in_one = found.kind == native.CHECKPOINT
     parts = {}
-    for part, choice, preferred, dirs in ((native.VAE, vae, native.COMFY_VAE_NAME, folders.vae),
-                                          (native.TEXT_ENCODER, text_encoder, native.COMFY_TEXT_ENCODER_NAME,
-                                           folders.text_encoders)):
+    from_prepare = variant is None and found.variant is None and bool(prepared) \
+        and prepared.get("variant") in VARIANT_FIELDS and prepared.get("dit") == file_identity(path)
+    if from_prepare:
+        variant = prepared["variant"]
+    for part, choice, preferred in ((native.VAE, vae, native.COMFY_VAE_NAME),
+                                    (native.TEXT_ENCODER, text_encoder, native.COMFY_TEXT_ENCODER_NAME)):
         if choice != AUTO:
-            parts[part] = _find(dirs, choice.split("/", 1)[1] if "/" in choice else choice, part)
-        elif sub == CHECKPOINTS:
+            parts[part] = _find(choice, folders, _INPUT[part])
+        elif all_in_one and part in found.provides:
             parts[part] = None  # the checkpoint's own
         else:
-            parts[part] = _auto_part(folders, part, preferred)
-            label = {native.VAE: "VAE", native.TEXT_ENCODER: "text encoder"}[part]
-            if parts[part]:
-                notes.append(f"{label}: auto -> {parts[part]}")
-            elif folders.checkpoint_dir:
-                notes.append(f"{label}: auto -> the official folder {folders.checkpoint_dir}")
+            parts[part] = _auto_part(folders, part, preferred)  # None: the official folder's, if any
+    near = comfy_tokenizer_near(parts[native.TEXT_ENCODER] or path)
+    tokenizers = list(dict.fromkeys([*folders.tokenizer_dirs, *([near] if near else [])]))
     source = ModelSource.comfy(
-        diffusion_model=path if sub == DIFFUSION_MODELS else None,
-        checkpoint=path if sub == CHECKPOINTS else None,
-        vae=parts[native.VAE], text_encoder=parts[native.TEXT_ENCODER], variant=variant,
-        tokenizer=list(folders.tokenizer_dirs), official_dir=folders.checkpoint_dir)
-    source.notes = notes
+        diffusion_model=None if all_in_one else path, checkpoint=path if all_in_one else None,
+        vae=parts[native.VAE], text_encoder=parts[native.TEXT_ENCODER], variant=variant, tokenizer=tokenizers,
+        official_dir=folders.checkpoint_dir)
+    source.auto_parts = tuple(p for p, c in ((native.VAE, vae), (native.TEXT_ENCODER, text_encoder)) if c == AUTO)
+    if from_prepare:
+        source.variant_given_where = "Prepare's variant input (the same file)"
     return source
+
+
+def from_config(cfg, folders: Optional[Folders] = None, prepared: Optional[dict] = None) -> ModelSource:
+    """The source a ``PrepareSettings`` or ``TrainConfig`` names (Train has no vae / text_encoder: auto).
+    ``folders``: ComfyUI's model folders, for the nodes' dropdown entries. Without them (the command line) the
+    checkpoint_dir's diffusion_models/, checkpoints/, vae/ and text_encoders/ are looked in, so ComfyUI's models
+    folder works as checkpoint_dir too. ``prepared``: see ``resolve_choice``."""
+    base = cfg.checkpoint_dir or None
+    if folders is None and base:  # the command line: checkpoint_dir may also be a ComfyUI models folder
+        folders = Folders(**{kind: [os.path.join(base, kind)] for kind in (DIFFUSION_MODELS, CHECKPOINTS, VAES,
+                                                                            TEXT_ENCODERS)})
+    folders = dataclasses.replace(folders or Folders(), checkpoint_dir=base)
+    return resolve_choice(cfg.config_path, folders, getattr(cfg, "vae", AUTO), getattr(cfg, "text_encoder", AUTO),
+                          getattr(cfg, "variant", AUTO), prepared)

@@ -1,12 +1,17 @@
 """The only place the nodes touch ComfyUI: folders, progress bar, cancel, live messages, memory.
 
 Each hook degrades to a plain fallback when ComfyUI is absent, so the nodes also run from scripts and tests.
+Model folders are ComfyUI 0.20's ``folder_paths`` kinds (``diffusion_models`` incl. ``unet``, ``checkpoints``,
+``vae``, ``text_encoders`` incl. ``clip``, and any extra_model_paths.yaml adds) and the Qwen tokenizer ComfyUI
+ships in ``comfy/text_encoders/qwen25_tokenizer`` (what its own ACE-Step 1.5 text encoder uses).
 """
 from __future__ import annotations
 
 import math
 import os
 from typing import Any, Optional
+
+from ..acestep_lora.source import Folders
 
 CATEGORY = "audio/ACE-Step LoRA"  # where all of this pack's nodes sit in ComfyUI's node menu
 
@@ -68,6 +73,42 @@ def resolve_checkpoint_dir(path: str) -> str:
 def default_checkpoint_dir() -> str:
     """Where the kaola pack's users keep the official download: <ComfyUI models>/Ace-Step1.5."""
     return os.path.join(models_directory(), "Ace-Step1.5")
+
+
+def _folder_list(kind: str) -> list[str]:
+    fp = _folder_paths()
+    if fp is None:
+        return [os.path.join(models_directory(), kind)]
+    try:
+        return list(fp.get_folder_paths(kind))
+    except (KeyError, AttributeError):  # a ComfyUI without this kind
+        return []
+
+
+def tokenizer_dirs() -> list[str]:
+    """ComfyUI's bundled Qwen tokenizer folder: in its ``comfy`` package (a namespace package: ``__path__``, no
+    ``__file__``), which sits next to folder_paths.py whatever --base-directory points the model folders to."""
+    roots = []
+    try:
+        import comfy  # type: ignore
+
+        roots += list(getattr(comfy, "__path__", None) or [])
+    except ImportError:
+        pass
+    fp = _folder_paths()
+    if fp is not None and getattr(fp, "__file__", None):
+        roots.append(os.path.join(os.path.dirname(fp.__file__), "comfy"))
+    found = [os.path.join(os.path.realpath(r), "text_encoders", "qwen25_tokenizer") for r in roots]
+    return list(dict.fromkeys(found))
+
+
+def model_folders(checkpoint_dir: Optional[str] = None) -> Folders:
+    """ComfyUI's model folders and the official download (``checkpoint_dir``, default models/Ace-Step1.5), for
+    the model dropdowns and to find what they name."""
+    return Folders(checkpoint_dir=checkpoint_dir or default_checkpoint_dir(),
+                   diffusion_models=_folder_list("diffusion_models"), checkpoints=_folder_list("checkpoints"),
+                   vae=_folder_list("vae"), text_encoders=_folder_list("text_encoders"),
+                   tokenizer_dirs=tokenizer_dirs())
 
 
 def loras_directory() -> str:

@@ -5,26 +5,32 @@ import hashlib
 import logging
 import os
 
-from ..acestep_lora import checkpoint as ckpt
 from ..acestep_lora import lists, options
 from ..acestep_lora.audio import from_comfy_audio
 from ..acestep_lora.console import CountBar
 from ..acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
+from ..acestep_lora.source import default_model_choice, model_choices, part_choices
 from . import comfy
 
-KNOWN_CONFIGS = ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft", "acestep-v15-turbo-shift3"]
-
-
-def config_choices() -> list[str]:
-    found = ckpt.list_dit_configs(comfy.default_checkpoint_dir())
-    return found + [c for c in KNOWN_CONFIGS if c not in found]
+# Listed when no model is found at all: the official folder names (a saved workflow's value stays valid; running
+# it says where to put the files).
+KNOWN_CONFIGS = ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft", "acestep-v15-turbo-shift3",
+                 "acestep-v15-xl-turbo", "acestep-v15-xl-base", "acestep-v15-xl-sft"]
 
 
 def option_widgets(group) -> dict:
     """The group's widgets from the option table, with what only ComfyUI knows: the default checkpoint folder
-    under its models folder and the DiT folders found there."""
-    return options.node_inputs(group, defaults={"checkpoint_dir": comfy.default_checkpoint_dir()},
-                               choices={"config_path": config_choices()})
+    under its models folder, and the models found there and in ComfyUI's model folders (config_path's dropdown:
+    official DiT folders, then diffusion_models/... and checkpoints/... files; the default is the 2B turbo,
+    wherever it is), and the VAE and text-encoder files (vae, text_encoder)."""
+    folders = comfy.model_folders()
+    models = model_choices(folders) or KNOWN_CONFIGS
+    defaults = {"checkpoint_dir": folders.checkpoint_dir, "config_path": default_model_choice(models)}
+    choices = {"config_path": models, "vae": part_choices(folders, "vae"),
+               "text_encoder": part_choices(folders, "text_encoder")}
+    widgets = {o.name for o in options.node_order(group)}
+    return options.node_inputs(group, defaults={k: v for k, v in defaults.items() if k in widgets},
+                               choices={k: v for k, v in choices.items() if k in widgets})
 
 
 def _list_input(tooltip: str) -> tuple:
@@ -82,8 +88,9 @@ class PrepareTrainingData:
 
     @classmethod
     def VALIDATE_INPUTS(cls, config_path):
-        # Any DiT folder name or path is allowed (the dropdown lists only what the default folder holds).
-        return True if config_path else "config_path is empty; choose a DiT folder such as acestep-v15-turbo."
+        # Any model is allowed (the dropdown lists what the default folders hold; a typed path works too); a
+        # missing one is named, with both ways to get it, when the node runs.
+        return True if config_path else "config_path is empty; choose a model such as acestep-v15-turbo."
 
     @classmethod
     def IS_CHANGED(cls, audio_files="", **kwargs):
@@ -134,7 +141,8 @@ class PrepareTrainingData:
         comfy.free_memory()  # ComfyUI's cached generation models out of the way of the VAE and encoders
         try:
             result = prepare_dataset(items, comfy.resolve_under_output(inputs["output_dir"]), settings,
-                                     progress=progress, check_cancel=comfy.check_interrupt, input_notes=notes)
+                                     progress=progress, check_cancel=comfy.check_interrupt, input_notes=notes,
+                                     folders=comfy.model_folders(settings.checkpoint_dir))
         finally:
             console.close()
         logging.getLogger("acestep_lora.nodes").info(result.status)

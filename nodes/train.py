@@ -86,7 +86,8 @@ def run_training(cfg: TrainConfig, unique_id, output_dir_as_typed: str) -> dict:
     comfy.free_memory()  # ComfyUI's cached models out of the way
     live = LiveProgress(str(unique_id), output_dir_as_typed)
     try:
-        result = train_lora(cfg, progress=live.update, cancel_requested=comfy.interrupt_requested)
+        result = train_lora(cfg, progress=live.update, cancel_requested=comfy.interrupt_requested,
+                            folders=comfy.model_folders(cfg.checkpoint_dir))
     except TrainingCancelled as stop:
         live.close()  # the console bar first, so the message is the last line
         log.info(stop.resumable.message("queue it again with resume_from = latest to continue"))

@@ -1,7 +1,8 @@
 """Run the pack's nodes without ComfyUI: small stand-ins for the ComfyUI modules the nodes use.
 
 ``install(base_dir)`` registers ``folder_paths``, ``comfy.utils``, ``comfy.model_management`` and ``server`` in
-``sys.modules`` (behaving like ComfyUI 0.20's: output/models folders, a ProgressBar that records its updates, the
+``sys.modules`` (behaving like ComfyUI 0.20's: output/models folders and the model kinds the nodes list,
+``comfy/`` under ``base_dir`` for its bundled tokenizer, a ProgressBar that records its updates, the
 interrupt flag and ``InterruptProcessingException``, a PromptServer that records ``send_sync`` messages).
 ``load_pack()`` imports this repository as a package exactly as ComfyUI 0.20 loads a folder under ``custom_nodes/``
 (``nodes.load_custom_node``): the module is named after the folder's path with "." replaced by "_x_", so the pack
@@ -63,6 +64,10 @@ def install(base_dir: str) -> types.SimpleNamespace:
     fp.base_path, fp.models_dir = base_dir, models
     fp.folder_names_and_paths = {"loras": ([os.path.join(models, "loras"), os.path.join(output, "loras")],
                                            {".safetensors"})}
+    for kind, folders in (("checkpoints", ["checkpoints"]), ("vae", ["vae"]),  # as ComfyUI 0.20's folder_paths
+                          ("text_encoders", ["text_encoders", "clip"]),
+                          ("diffusion_models", ["unet", "diffusion_models"])):
+        fp.folder_names_and_paths[kind] = ([os.path.join(models, f) for f in folders], {".safetensors", ".sft"})
     fp.get_output_directory = lambda: output
     fp.get_input_directory = lambda: os.path.join(base_dir, "input")
     fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths.get(name, ([],))[0])
@@ -86,6 +91,7 @@ def install(base_dir: str) -> types.SimpleNamespace:
     mm.soft_empty_cache = lambda force=False: None
 
     comfy = types.ModuleType("comfy")
+    comfy.__path__ = [os.path.join(base_dir, "comfy")]  # a namespace package, as ComfyUI's (its bundled tokenizer)
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     comfy.utils, comfy.model_management = utils, mm

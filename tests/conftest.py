@@ -45,6 +45,43 @@ def tiny_ckpt(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), variants=["turbo", "base"])
 
 
+SILENCE_PROBE = 48  # silence-latent probe frames for the tiny VAE (its edge effects span 7 frames)
+
+
+@pytest.fixture(scope="session")
+def comfy_official(tiny_ckpt, tmp_path_factory):
+    """The tiny VAE and text encoder with a 2B- and an XL-shaped DiT folder (acestep-v15-turbo,
+    acestep-v15-xl-turbo) at the official sliding window (a ComfyUI file cannot carry the tiny configs' window of
+    8); each silence_latent.pt is the VAE's encoding of silence, as the official file is (the shared tiny
+    fixture's is random), 300 frames long."""
+    from acestep_lora import native
+    from acestep_lora.testing import tiny_dit_config, write_dit
+    from acestep_lora.vae import load_vae
+
+    root = tmp_path_factory.mktemp("comfy_official")
+    for name in ("vae", "Qwen3-Embedding-0.6B"):
+        shutil.copytree(os.path.join(tiny_ckpt, name), root / name)
+    write_dit(str(root / "acestep-v15-turbo"), tiny_dit_config("turbo", sliding_window=128), seed=4)
+    write_dit(str(root / "acestep-v15-xl-turbo"), tiny_dit_config("xl-turbo", sliding_window=128), seed=5)
+    silence = native.derive_silence_latent(load_vae(str(root)), frames=300, probe_frames=SILENCE_PROBE)
+    for name in ("acestep-v15-turbo", "acestep-v15-xl-turbo"):
+        torch.save(silence.transpose(1, 2).contiguous(), root / name / "silence_latent.pt")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def comfy_models(comfy_official, tmp_path_factory):
+    """``comfy_official``'s weights as ComfyUI's files in one models folder: diffusion_models/acestep_v1.5_turbo
+    and acestep_v1.5_xl_turbo, vae/ace_1.5_vae, text_encoders/qwen_0.6b_ace15, checkpoints/ace_step_1.5_turbo_aio
+    and ace_step_1.5_xl_turbo_aio (.safetensors), and qwen25_tokenizer/ (the tokenizer folder ComfyUI ships)."""
+    from acestep_lora.testing import make_tiny_comfy_models
+
+    models = str(tmp_path_factory.mktemp("comfy_models"))
+    for config_path in ("acestep-v15-turbo", "acestep-v15-xl-turbo"):
+        make_tiny_comfy_models(models, comfy_official, config_path)
+    return models
+
+
 @pytest.fixture(scope="session")
 def official_ckpt(tmp_path_factory):
     """The official-implementation fixture laid out as a checkpoint folder (DiT under acestep-v15-turbo)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from acestep_lora import lora
-from acestep_lora.config import AceStepConfig
+from acestep_lora.config import XL_FIELDS, AceStepConfig
 from acestep_lora.memory import (checkpointing_for, choose_gradient_checkpointing, decoder_parameters,
                                  estimate_peak_bytes, lora_parameters, resident_bytes, usable_cuda_bytes)
 from acestep_lora.model import AceStepModel
@@ -18,7 +18,8 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 GIB = 2 ** 30
 
 
-@pytest.mark.parametrize("cfg", [AceStepConfig(), tiny_dit_config("turbo")], ids=["full", "tiny"])
+@pytest.mark.parametrize("cfg", [AceStepConfig(), AceStepConfig(**XL_FIELDS), tiny_dit_config("turbo")],
+                         ids=["full", "xl", "tiny"])
 def test_parameter_counts_equal_the_built_model(cfg):
     with torch.device("meta"):
         model = AceStepModel(cfg, components=("decoder", "null_condition_emb"))
@@ -97,6 +98,7 @@ def test_checkpointing_option_on_each_device(monkeypatch):
 def test_trainer_decides_checkpointing_from_the_cards_free_memory(tiny_ckpt, tmp_path, monkeypatch):
     """The trainer's own numbers (the longest sample, its condition, the weights and data it holds) against a small
     and a large card: checkpointing on and off, the reason in the run's header (the first line it logs)."""
+    from acestep_lora.compile import plan_step
     from acestep_lora.prepare import PrepareSettings, prepare_dataset
     from acestep_lora.train import TrainConfig, Trainer
 
@@ -114,15 +116,31 @@ def test_trainer_decides_checkpointing_from_the_cards_free_memory(tiny_ckpt, tmp
     kw = dict(dtype=torch.float32, dropout=0.1, dataset_bytes=trainer.data.bytes())
     need, need_gc = estimate_peak_bytes(*args, False, **kw), estimate_peak_bytes(*args, True, **kw)
     held = resident_bytes(trainer.net) + trainer.data.bytes()
+
+    def replan():
+        trainer.step_decoder, trainer.step_notes = plan_step(trainer.net, trainer.cfg, trainer.model_cfg,
+                                                             trainer.targets, trainer.data, trainer.device,
+                                                             trainer.dtype)
     assert need_gc < need
     # usable = free + what it holds: the step fits in 92 % of it only with checkpointing
     fake_card(monkeypatch, int((need + need_gc) / 2 / 0.92) - held, reserved=held, allocated=held)
-    trainer._plan_step()
+    replan()
     assert trainer.net.gradient_checkpointing is True
     header = trainer._header()
     assert "gradient checkpointing on (auto): without it the step needs about" in header
     assert "out of memory" not in header
     fake_card(monkeypatch, 24 * GIB, reserved=held, allocated=held)
-    trainer._plan_step()
+    replan()
     assert trainer.net.gradient_checkpointing is False
     assert "gradient checkpointing off (auto): the step needs about 0.1 GiB, 24.0 GiB free" in trainer._header()
+
+
+def test_auto_checkpointing_takes_the_models_sizes(monkeypatch):
+    """The same 240 s sample on the same card (16 GiB usable): the 2B step fits without checkpointing (9.9 GiB),
+    the XL step does not (22 GiB; 10 GiB with it) — the estimate reads the variant's widths and depth."""
+    fake_card(monkeypatch, 16 * GIB)
+    kw = dict(dtype=torch.bfloat16, dropout=0.1, counted_bytes=0)
+    cuda = torch.device("cuda")
+    use_2b, _ = checkpointing_for("auto", cuda, AceStepConfig(), 1, 6000, 769, 64, QKVO, **kw)
+    use_xl, reason = checkpointing_for("auto", cuda, AceStepConfig(**XL_FIELDS), 1, 6000, 769, 64, QKVO, **kw)
+    assert (use_2b, use_xl) == (False, True) and "with it 10.0 GiB" in reason and "out of memory" not in reason

@@ -1,6 +1,7 @@
 """ComfyUI-format files: the official layout converted to each format loads back to identical weights (2B- and
 XL-shaped), conditioning computed from either source is equal, files are recognised from their headers, and every
 mismatch is an error naming the file and the key."""
+import json
 import os
 import shutil
 
@@ -9,35 +10,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from acestep_lora import native
-from acestep_lora.checkpoint import load_dit, read_header
+from acestep_lora.checkpoint import file_identity, load_dit, read_header
+from acestep_lora.manifest import TENSOR_KEYS
 from acestep_lora.config import XL_FIELDS, AceStepConfig
 from acestep_lora.model import AceStepModel
 from acestep_lora.prepare import context_latents_for
 from acestep_lora.prompts import caption_prompt, lyrics_prompt
 from acestep_lora.source import AUTO, Folders, ModelSource, default_model_choice, model_choices, part_choices, \
     resolve_choice
-from acestep_lora.testing import init_weights_, make_tiny_comfy_models, tiny_dit_config, write_dit
+from acestep_lora.testing import init_weights_, make_tiny_comfy_models, tiny_dit_config
 from acestep_lora.text import load_text_encoder, load_tokenizer
 from acestep_lora.vae import load_vae
+from conftest import SILENCE_PROBE as PROBE
 
 CONFIGS = {"2B": "acestep-v15-turbo", "XL": "acestep-v15-xl-turbo"}
-PROBE = 48  # silence-latent probe frames for the tiny VAE (its edge effects span 7 frames)
 
 
 @pytest.fixture(scope="module")
-def official(tiny_ckpt, tmp_path_factory):
-    """The tiny VAE and text encoder with a 2B- and an XL-shaped DiT folder at the official sliding window (a
-    ComfyUI file cannot carry the tiny configs' window of 8); each silence_latent.pt is the VAE's encoding of
-    silence, as the official file is (the shared tiny fixture's is random)."""
-    root = tmp_path_factory.mktemp("official")
-    for name in ("vae", "Qwen3-Embedding-0.6B"):
-        shutil.copytree(os.path.join(tiny_ckpt, name), root / name)
-    write_dit(str(root / "acestep-v15-turbo"), tiny_dit_config("turbo", sliding_window=128), seed=4)
-    write_dit(str(root / "acestep-v15-xl-turbo"), tiny_dit_config("xl-turbo", sliding_window=128), seed=5)
-    silence = native.derive_silence_latent(load_vae(str(root)), frames=300, probe_frames=PROBE)
-    for name in CONFIGS.values():
-        torch.save(silence.transpose(1, 2).contiguous(), root / name / "silence_latent.pt")
-    return str(root)
+def official(comfy_official):
+    """conftest.comfy_official: 2B- and XL-shaped DiT folders a ComfyUI file can carry, silence latents the VAE's."""
+    return comfy_official
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -162,6 +154,51 @@ def test_conditioning_parity_official_vs_comfy_files(comfy, monkeypatch):
         got = conditioning(source, *args)
         for key, value in expected.items():
             assert torch.allclose(got[key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+
+
+def test_prepare_dataset_parity_official_vs_comfy_files(comfy, monkeypatch, tmp_path):
+    """prepare_dataset itself: the .pt files from the official folder and from ComfyUI's split files (chosen as
+    the nodes' dropdowns name them) and all-in-one checkpoint hold equal tensors, the VAE's sampled latents
+    included; only the model identity (and so the cache key and file name) differs."""
+    import soundfile as sf
+
+    from acestep_lora.prepare import PrepareItem, PrepareSettings, prepare_dataset
+
+    config_path, root, paths = comfy
+    original = native.derive_silence_latent  # as long as the tiny official file, with the short probe
+    monkeypatch.setattr(native, "derive_silence_latent", lambda vae: original(vae, 300, PROBE))
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for i, seconds in enumerate((1.3, 2.1)):
+        path = str(tmp_path / f"song{i}.wav")
+        sf.write(path, (0.3 * torch.randn(int(44100 * seconds), 2, generator=gen)).numpy(), 44100)
+        items.append(PrepareItem(name=path, path=path, caption=f"upbeat electronic pop {i}, bright synth",
+                                 lyrics="[verse]\nla la love\n[chorus]\noh yeah", bpm=120, keyscale="C major",
+                                 language="en"))
+    models = os.path.dirname(os.path.dirname(paths["dit"]))
+    folders = Folders(diffusion_models=[os.path.join(models, "diffusion_models")],
+                      checkpoints=[os.path.join(models, "checkpoints")], vae=[os.path.join(models, "vae")],
+                      text_encoders=[os.path.join(models, "text_encoders")], tokenizer_dirs=[paths["tokenizer"]])
+    runs = {"official": PrepareSettings(root, config_path, device="cpu"),
+            "split": PrepareSettings("", "diffusion_models/" + os.path.basename(paths["dit"]), device="cpu"),
+            "all-in-one": PrepareSettings("", "checkpoints/" + os.path.basename(paths["checkpoint"]), device="cpu")}
+    prepared = {name: prepare_dataset(items, str(tmp_path / name), settings, folders=folders)
+                for name, settings in runs.items()}
+    expected = [torch.load(os.path.join(prepared["official"].tensor_dir, f), weights_only=True)
+                for f in prepared["official"].files]
+    for name in ("split", "all-in-one"):
+        result = prepared[name]
+        assert "from ComfyUI files" in result.status and "silence latent: derived from the VAE" in result.status
+        assert result.files != prepared["official"].files  # another model identity, another cache key
+        for want, file in zip(expected, result.files):
+            got = torch.load(os.path.join(result.tensor_dir, file), weights_only=True)
+            for key in TENSOR_KEYS:
+                assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, (name, key)
+                assert torch.allclose(got[key].float(), want[key].float(), rtol=1e-5, atol=1e-6), (name, key)
+            assert got["metadata"]["text_prompt"] == want["metadata"]["text_prompt"]
+    manifest = json.load(open(os.path.join(prepared["split"].tensor_dir, "manifest.json")))
+    assert manifest["checkpoint"]["source"] == "comfy" and manifest["checkpoint"]["dit"] == file_identity(paths["dit"])
+    assert manifest["checkpoint"]["config_path"] == os.path.splitext(os.path.basename(paths["dit"]))[0]
 
 
 def test_derived_silence_latent_equals_encoding_the_whole_silent_clip(official):
@@ -293,9 +330,20 @@ def test_stable_audio_vae_is_not_listed(tmp_path):
 # The source abstraction
 
 
-def test_official_source_identity_equals_prepare_fingerprint(tiny_ckpt):
-    from acestep_lora.prepare import checkpoint_fingerprint
+def checkpoint_fingerprint(checkpoint_dir: str, config_path: str) -> dict:
+    """Prepare's cache key of the model before sources existed (prepare.py until the nodes took ComfyUI files):
+    an official source's identity must stay equal, or every existing cache would be encoded again."""
+    from acestep_lora.checkpoint import dit_identity, folder_identity, load_config
 
+    cfg = load_config(checkpoint_dir, config_path)
+    return {"config_path": os.path.basename(os.path.normpath(config_path)), "variant": cfg.variant,
+            "is_turbo": cfg.is_turbo, "condition_width": (cfg.encoder_hidden_size or cfg.hidden_size),
+            "dit": dit_identity(checkpoint_dir, config_path),
+            "vae": folder_identity(os.path.join(checkpoint_dir, "vae")),
+            "text_encoder": folder_identity(os.path.join(checkpoint_dir, "Qwen3-Embedding-0.6B"))}
+
+
+def test_official_source_identity_equals_prepare_fingerprint(tiny_ckpt):
     source = ModelSource.official(tiny_ckpt, "acestep-v15-base")
     assert source.identity() == checkpoint_fingerprint(tiny_ckpt, "acestep-v15-base")
     assert source.variant == "base" and source.variant_origin == "config.json"
@@ -363,7 +411,7 @@ def test_dropdown_choices_default_and_auto_resolution(comfy, tmp_path):
     assert resolve_choice("acestep-v15-turbo", folders).kind == "official"
     source = resolve_choice(dit_choice, folders)
     assert source.vae_file == paths["vae"] and source.text_encoder_file == paths["text_encoder"]
-    assert "VAE: auto -> " + paths["vae"] in source.describe()
+    assert "VAE: " + paths["vae"] + " (auto)" in source.describe()
     only_native = Folders(**{**folders.__dict__, "checkpoint_dir": None, "vae": []})
     with pytest.raises(ValueError, match="no VAE"):
         resolve_choice(dit_choice, only_native).require("vae")

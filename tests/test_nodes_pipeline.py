@@ -69,9 +69,13 @@ def test_node_definitions(comfy):
 
 
 def test_config_path_dropdown_lists_found_folders(comfy, tiny_ckpt):
+    empty = prepare_node(comfy).INPUT_TYPES()["required"]["config_path"]
+    assert empty[0][:3] == ["acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft"]  # nothing found: the names
+    assert "acestep-v15-xl-turbo" in empty[0] and empty[1]["default"] == "acestep-v15-turbo"
     os.symlink(tiny_ckpt, os.path.join(comfy.models, "Ace-Step1.5"))
-    choices = prepare_node(comfy).INPUT_TYPES()["required"]["config_path"][0]
-    assert choices[:2] == ["acestep-v15-base", "acestep-v15-turbo"] and "acestep-v15-sft" in choices
+    config_path = prepare_node(comfy).INPUT_TYPES()["required"]["config_path"]
+    assert config_path[0] == ["acestep-v15-base", "acestep-v15-turbo"]  # what is there, nothing else
+    assert config_path[1]["default"] == "acestep-v15-turbo"
     assert prepare_node(comfy).INPUT_TYPES()["required"]["checkpoint_dir"][1]["default"].endswith("Ace-Step1.5")
 
 

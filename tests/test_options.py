@@ -19,17 +19,18 @@ NODE_ONLY = {"ACEStepLoRA_PrepareTrainingData": {"audio_files", "captions", "lyr
                                                  "keyscale_list", "language_list", "audio_input_1", "audio_input_2",
                                                  "audio_input_3", "audio_input_4", "timesignature_list"},
              "ACEStepLoRA_Train": set()}
-# Widget order of the first release: saved workflows store widget values by position, so these never move (new
-# options are appended after them).
+# Widget order of the first release, then what later releases appended: saved workflows store widget values by
+# position, so these never move (new options are appended after them).
 SAVED_ORDER = {
     "ACEStepLoRA_PrepareTrainingData": ["audio_files", "captions", "lyrics_list", "bpm_list", "keyscale_list",
                                         "language_list", "output_dir", "checkpoint_dir", "config_path", "device",
-                                        "custom_tag", "tag_position", "max_duration", "long_audio", "detect_bpm"],
+                                        "custom_tag", "tag_position", "max_duration", "long_audio", "detect_bpm",
+                                        "vae", "text_encoder", "variant"],  # appended: ComfyUI's model files
     "ACEStepLoRA_Train": ["tensor_dir", "checkpoint_dir", "config_path", "output_dir", "lora_rank", "lora_alpha",
                           "lora_dropout", "learning_rate", "train_epochs", "batch_size", "gradient_accumulation",
                           "save_every_n_epochs", "seed", "resume_from", "target_modules", "timestep_sampling",
                           "cfg_dropout", "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag",
-                          "device"],
+                          "device", "variant", "compile"],  # appended: variant (ComfyUI's model files), compile (speed)
 }
 FOLDERS = {"prepare": ["--samples-dir", "s", "--output-dir", "t", "--checkpoint-dir", "c"],
            "train": ["--tensor-dir", "t", "--checkpoint-dir", "c", "--output-dir", "o"]}
@@ -100,10 +101,14 @@ def test_node_inputs_are_the_table(comfy, node_id):
         if name == "checkpoint_dir":  # ComfyUI's own models folder
             node_comfy = importlib.import_module(f"{comfy.pack.__name__}.nodes.comfy")
             assert spec["default"] == node_comfy.default_checkpoint_dir()
+        elif name == "config_path":  # the models found (none here: the official names), the 2B turbo first
+            assert isinstance(kind, list) and spec["default"] == o.default == kind[0]
         else:
             assert spec["default"] == (o.default if o.node_default is None else o.node_default), name
-        if name == "config_path":  # the DiT folders found, then the known names
-            assert isinstance(kind, list) and o.default in kind
+        if name == "config_path":
+            pass
+        elif name in ("vae", "text_encoder"):  # auto, then the files ComfyUI's folders hold (none here)
+            assert kind == ["auto"], name
         elif o.choices:
             assert kind == list(o.choices), name
         else:
@@ -196,7 +201,7 @@ def test_a_new_option_is_one_field():
 
     group = options.table(WithCompile)
     widgets = options.node_inputs(group, defaults={"checkpoint_dir": "c"})
-    assert list(widgets["optional"])[-2:] == ["device", "compile"]
+    assert list(widgets["optional"])[-3:] == ["device", "variant", "compile"]
     assert widgets["optional"]["compile"] == ("BOOLEAN", {"default": False, "advanced": True,
                                                           "tooltip": "Compile the decoder with torch.compile."})
     parser = argparse.ArgumentParser()
@@ -215,11 +220,14 @@ def test_node_inputs_want_what_only_the_node_knows():
 
 def test_advanced_options():
     """The expert knobs, folded on the nodes: the musician sees folders, model, rank/alpha, learning rate,
-    epochs, batch, checkpoints, seed and resume (Train), and the folders, model, tag and length (Prepare)."""
+    epochs, batch, checkpoints, seed and resume (Train), and the folders, model, tag and length (Prepare). The
+    official folder's path, the VAE / text-encoder files and the variant are found automatically."""
     assert [o.name for o in options.node_order(TRAIN) if o.advanced] == [
-        "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout", "gradient_checkpointing",
-        "warmup_steps", "max_grad_norm", "trigger_tag", "device", "compile"]
-    assert [o.name for o in options.node_order(PREPARE) if o.advanced] == ["device", "long_audio", "detect_bpm"]
+        "checkpoint_dir", "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout",
+        "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag", "device", "variant",
+        "compile"]
+    assert [o.name for o in options.node_order(PREPARE) if o.advanced] == [
+        "checkpoint_dir", "device", "long_audio", "detect_bpm", "vae", "text_encoder", "variant"]
 
 
 def test_the_node_functions_declare_no_option_defaults(comfy):

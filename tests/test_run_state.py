@@ -111,5 +111,44 @@ def test_fresh_reuse_or_refuse(tmp_path, monkeypatch):
     # a newer training version never hands back a LoRA trained by the old code
     monkeypatch.setattr(run_state, "TRAINING_VERSION", run_state.TRAINING_VERSION + 1)
     newer = dict(signature, training_version=run_state.TRAINING_VERSION)
-    with pytest.raises(FileExistsError, match="training_version 1 -> 2 — this version of the pack trains differently"):
+    old = run_state.TRAINING_VERSION - 1
+    with pytest.raises(FileExistsError,
+                       match=f"training_version {old} -> {old + 1} — this version of the pack trains differently"):
         plan(str(tmp_path), "", newer)
+
+
+def test_another_number_of_processes_continues_the_global_order(tmp_path):
+    """A checkpoint of 2 processes (1 micro-batch each per step) continued by one: the position is one in the
+    run's global order of micro-batches; the global batch decides the step count, and the note says what changed."""
+    from types import SimpleNamespace
+
+    saved = state(step=3, order=[[0], [2], [1]], signature={"dataset": "d"})  # epoch 1, next micro-batch 1 of 3
+    saved.settings.update(world_size=2, dataset_size=3)
+    saved.steps_per_epoch = 2
+    same_batch = run_state.continue_on(saved, saved.position, None, "d", 3,
+                                       SimpleNamespace(train_epochs=2, batch_size=1, gradient_accumulation=2), 2, 1)
+    assert same_batch.total_steps == 3 + 1 + 2 and same_batch.position.next_batch == 1  # the rest of epoch 1: 1 step
+    assert same_batch.note.startswith("gradient_accumulation 1 -> 2; processes 2 -> 1 (global batch 2 -> 2 samples)")
+    smaller = run_state.continue_on(saved, saved.position, None, "d", 3,
+                                    SimpleNamespace(train_epochs=2, batch_size=1, gradient_accumulation=1), 3, 1)
+    assert smaller.total_steps == 3 + 2 + 3 and "processes 2 -> 1 (global batch 2 -> 1 samples)" in smaller.note
+    unchanged = run_state.continue_on(saved, saved.position, None, "d", 3,
+                                      SimpleNamespace(train_epochs=2, batch_size=1, gradient_accumulation=1), 2, 2)
+    assert unchanged.note is None and unchanged.total_steps == 3 + 1 + 2
+
+
+def test_a_micro_batch_draws_from_its_seed_step_and_part_alone():
+    noise, cpu = torch.Generator(), torch.device("cpu")
+
+    def draws(step, part):
+        run_state.seed_draws(42, step, part, cpu, noise)
+        return torch.randn(4, generator=noise), torch.rand(4)  # noise/timesteps; LoRA dropout (global generator)
+
+    first = draws(5, 1)
+    torch.rand(100), torch.randn(7, generator=noise)  # whatever ran in between (a hook, another part)
+    again = draws(5, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(draws(5, 0)[0], first[0]) and not torch.equal(draws(6, 1)[0], first[0])
+    assert not torch.equal(first[0], torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    run_state.seed_draws(42, 5, 1, cpu, noise)
+    assert not torch.equal(torch.rand(4, generator=noise), torch.rand(4))  # two streams, not one seed twice

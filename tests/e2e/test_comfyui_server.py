@@ -183,15 +183,14 @@ class Server:
                 self.proc.wait(timeout=20)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
-    base = str(tmp_path_factory.mktemp("comfyui_base"))
+def launch_server(tmp_path_factory, request, name, populate):
+    """A ComfyUI server on a fresh --base-directory with this pack in custom_nodes; ``populate(base)`` writes its
+    models first. Stopped (its log printed on a failure) when the module's tests end."""
+    base = str(tmp_path_factory.mktemp(name))
     for sub in ("custom_nodes", "input", "output", "models/loras", "models/diffusion_models", "user", "temp"):
         os.makedirs(os.path.join(base, sub), exist_ok=True)
     os.symlink(ROOT, os.path.join(base, "custom_nodes", PACK_DIR_NAME))
-    # The checkpoint sits where the nodes' default checkpoint_dir points, so config_path's dropdown lists it;
-    # the workflow still passes it as an absolute path.
-    write_checkpoint(os.path.join(base, "models", "Ace-Step1.5"))
+    populate(base)
     log_path = os.path.join(base, "comfyui.log")
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -226,6 +225,14 @@ def server(tmp_path_factory, request):
     version = srv.get("/system_stats").get("system", {}).get("comfyui_version")
     print(f"\nComfyUI {version} on port {port}, base {base}")
     return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    # The checkpoint sits where the nodes' default checkpoint_dir points, so config_path's dropdown lists it;
+    # the workflow still passes it as an absolute path.
+    return launch_server(tmp_path_factory, request, "comfyui_base",
+                         lambda base: write_checkpoint(os.path.join(base, "models", "Ace-Step1.5")))
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +458,8 @@ def test_pack_loads_and_object_info_lists_the_nodes(server, object_info):
                 else:
                     assert got[0] == spec[0], (node_id, name, got)
                 if len(spec) > 1:
-                    opts = {k: v for k, v in spec[1].items() if k != "default" or name != "checkpoint_dir"}
+                    opts = {k: v for k, v in spec[1].items()
+                            if k != "default" or name not in ("checkpoint_dir", "config_path")}
                     assert {k: got[1].get(k) for k in opts} == opts, (node_id, name)
     # The checkpoint under models/Ace-Step1.5 is found: its DiT folder is listed first in the dropdown.
     assert object_info[PREPARE]["input"]["required"]["config_path"][0][0] == CONFIG
@@ -521,32 +529,40 @@ def test_training_workflow_writes_peft_adapter_and_comfy_lora(server, trained):
 
 
 def test_native_lora_loader_applies_trained_strength(server, trained):
-    from safetensors.torch import load_file
-
     assert os.path.isfile(trained["comfy_path"]), "the training workflow wrote no ComfyUI LoRA"
     # The tiny DiT as ComfyUI's diffusion model: the official single-file layout (decoder.*, encoder.*, ...).
     base_file = os.path.join(trained["ckpt"], CONFIG, "model.safetensors")
     unet_name = "acestep_tiny_e2e.safetensors"
     shutil.copyfile(base_file, os.path.join(server.models, "diffusion_models", unet_name))
+    print(check_lora_applied(server, unet_name, base_file, trained["comfy_name"], trained["comfy_path"],
+                             comfy_compatible_config(), "e2e/patched"))
+
+
+def check_lora_applied(server, unet_name, base_file, lora_name, lora_path, cfg, prefix):
+    """UNETLoader(unet_name) -> LoraLoaderModelOnly(lora_name, 1.0) -> ModelSave on the server: no "lora key not
+    loaded", every targeted weight = base + (alpha/rank)·B·A, every other weight unchanged; returns a summary."""
+    from safetensors.torch import load_file
+
     info = server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]
-    assert trained["comfy_name"] in info["input"]["required"]["lora_name"][0], "LoRA not in LoraLoader's list"
+    assert lora_name in info["input"]["required"]["lora_name"][0], "LoRA not in LoraLoader's list"
     log_start = len(server.log())
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
-        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": trained["comfy_name"],
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name,
                                                               "strength_model": 1.0}},
-        "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": "e2e/patched"}},
+        "3": {"class_type": "ModelSave", "inputs": {"model": ["2", 0], "filename_prefix": prefix}},
     }
     server.wait(server.submit(prompt))
     run_log = server.log()[log_start:]
     assert "lora key not loaded" not in run_log, run_log
     assert not re.search(r"ERROR.*lora|unet missing|unet unexpected", run_log, re.I), run_log
 
-    saved_dir = os.path.join(server.output, "e2e")
-    [saved_name] = [f for f in os.listdir(saved_dir) if f.startswith("patched") and f.endswith(".safetensors")]
+    saved_dir = os.path.join(server.output, os.path.dirname(prefix))
+    [saved_name] = [f for f in os.listdir(saved_dir) if f.startswith(os.path.basename(prefix))
+                    and f.endswith(".safetensors")]
     patched = load_file(os.path.join(saved_dir, saved_name))
     base = load_file(base_file)
-    lora = load_file(trained["comfy_path"])
+    lora = load_file(lora_path)
 
     def saved_key(key):  # ModelSave prefixes the diffusion model's keys (model.diffusion_model.<key>)
         found = [k for k in patched if k == key or k.endswith("." + key)]
@@ -554,7 +570,6 @@ def test_native_lora_loader_applies_trained_strength(server, trained):
         return found[0]
 
     modules = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight"))
-    cfg = comfy_compatible_config()
     assert len(modules) == cfg.num_hidden_layers * 2 * 4  # self + cross attention x q, k, v, o per DiT layer
     worst, worst_scale1 = 0.0, math.inf
     for module in modules:
@@ -577,10 +592,10 @@ def test_native_lora_loader_applies_trained_strength(server, trained):
     changed = [k for k in untouched if not torch.equal(base[k].to(patched[saved_key(k)].dtype),
                                                        patched[saved_key(k)])]
     assert not changed, f"weights without a LoRA changed: {changed[:5]}"
-    print(f"native LoraLoaderModelOnly: {len(modules)}/{len(modules)} targeted weights patched, saved dtype "
-          f"{patched[saved_key('decoder.layers.0.self_attn.q_proj.weight')].dtype}, worst relative error vs "
-          f"base + (alpha/rank)·B·A = {worst:.2e} (alpha/rank = {ALPHA / RANK:g}; scale 1.0 would be off by "
-          f"{worst_scale1:.2f}); {len(untouched)} other weights unchanged; no 'lora key not loaded'")
+    return (f"native LoraLoaderModelOnly on {unet_name}: {len(modules)}/{len(modules)} targeted weights patched, "
+            f"saved dtype {patched[saved_key('decoder.layers.0.self_attn.q_proj.weight')].dtype}, worst relative "
+            f"error vs base + (alpha/rank)·B·A = {worst:.2e} (alpha/rank = {ALPHA / RANK:g}; scale 1.0 would be off "
+            f"by {worst_scale1:.2f}); {len(untouched)} other weights unchanged; no 'lora key not loaded'")
 
 
 def test_interrupt_saves_resumable_checkpoint(server, trained):
