@@ -30,7 +30,7 @@ SAVED_ORDER = {
                           "lora_dropout", "learning_rate", "train_epochs", "batch_size", "gradient_accumulation",
                           "save_every_n_epochs", "seed", "resume_from", "target_modules", "timestep_sampling",
                           "cfg_dropout", "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag",
-                          "device", "variant"],  # variant appended with ComfyUI's model files
+                          "device", "variant", "compile"],  # appended: variant (ComfyUI's model files), compile (speed)
 }
 FOLDERS = {"prepare": ["--samples-dir", "s", "--output-dir", "t", "--checkpoint-dir", "c"],
            "train": ["--tensor-dir", "t", "--checkpoint-dir", "c", "--output-dir", "o"]}
@@ -224,7 +224,8 @@ def test_advanced_options():
     official folder's path, the VAE / text-encoder files and the variant are found automatically."""
     assert [o.name for o in options.node_order(TRAIN) if o.advanced] == [
         "checkpoint_dir", "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout",
-        "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag", "device", "variant"]
+        "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag", "device", "variant",
+        "compile"]
     assert [o.name for o in options.node_order(PREPARE) if o.advanced] == [
         "checkpoint_dir", "device", "long_audio", "detect_bpm", "vae", "text_encoder", "variant"]
 
