@@ -654,7 +654,8 @@ def _estimate(an: dict, min_bpm: float, max_bpm: float) -> TempoEstimate:
     if conf < CONFIDENCE_THRESHOLD:
         return TempoEstimate(None, round(conf, 3),
                              f"no steady beat found (confidence {conf:.2f} < "
-                             f"{CONFIDENCE_THRESHOLD:.2f}); type the tempo")
+                             f"{CONFIDENCE_THRESHOLD:.2f}), so the tempo is unknown; enter "
+                             f"the BPM manually")
     bpms = _candidates(an, min_bpm, max_bpm)
     i, share = _pick(an, bpms)
     bpm = round(_refine(an["ac"], an["fps"], bpms[i], min_bpm, max_bpm), 1)
@@ -670,7 +671,9 @@ def detect_bpm(waveform: torch.Tensor, sample_rate: int, *, min_bpm: float = 60.
 
     Raises ``ValueError`` with a musician-facing message when the tempo is unknown (too
     short, silent, no onsets, no steady beat: "no steady beat found (confidence 0.12 <
-    0.50); type the tempo") or the input is invalid (shape, sample rate, NaN/inf samples).
+    0.50), so the tempo is unknown; enter the BPM manually") or the input is invalid
+    (shape, sample rate, NaN/inf samples).  Callers that want the confidence and the
+    runner-up tempi use ``estimate_tempo``.
     """
     est = estimate_tempo(waveform, sample_rate, min_bpm=min_bpm, max_bpm=max_bpm)
     if est.bpm is None:

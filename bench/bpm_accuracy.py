@@ -14,7 +14,8 @@ different seeds give independent test sets.
 
 Run:  python bench/bpm_accuracy.py --realistic [--n-report 120] [--n-beatless 48]
 
-Scores the held-out *report* sets of bench/realistic_music.py (never used for tuning): music
+Scores the held-out *report* sets of bench/realistic_music.py (never used for tuning; ``--set
+check`` scores the second held-out set, ``--set tune`` the tuning set, for comparison): music
 rendered from MIDI with sampled instruments through FluidSynth, 22 styles, and beatless
 audio (pads, drones, noise, rain, wind chimes).  Prints per-clip results and: the fraction
 within +-tolerance % (an "unknown" counts as a miss), the fraction within tolerance of the
@@ -104,8 +105,8 @@ def realistic(args) -> int:
         print(f"bpm_accuracy --realistic: skipped, {problem}.")
         return 0
     tol = args.tolerance / 100.0
-    songs = rm.make_set("report", args.n_report)
-    beatless = rm.make_beatless_set("report", args.n_beatless)
+    songs = rm.make_set(args.set, args.n_report)
+    beatless = rm.make_beatless_set(args.set, args.n_beatless)
     print(f"rendering / loading {len(songs)} + {len(beatless)} clips (cache: {args.cache})",
           flush=True)
     print(f"{'#':>3} {'clip':<28} {'effects':<16} {'sr':>6} {'sec':>5} {'true':>7} "
@@ -139,7 +140,7 @@ def realistic(args) -> int:
     unknown = sum(r[3] == "unknown" for r in music)
     nb_unknown = sum(r[3] == "unknown" for r in nobeat)
     print()
-    print(f"realistic report set: {n} clips, {args.tolerance:g} % tolerance")
+    print(f"realistic {args.set} set: {n} clips, {args.tolerance:g} % tolerance")
     print(f"  within +-{args.tolerance:g} %:        {hit}/{n} = {100 * hit / n:.1f} %")
     print(f"  octave-tolerant (x1, x2, x1/2, x3, x1/3): {octave}/{n} = {100 * octave / n:.1f} %")
     print(f"  music called unknown:  {unknown}/{n} = {100 * unknown / n:.1f} %")
@@ -153,7 +154,7 @@ def realistic(args) -> int:
     misses = [f"{r[0].name} {r[3]}" for r in music if r[3] != "ok"]
     if misses:
         print("  misses: " + "; ".join(misses))
-    print(f"beatless report set: unknown {nb_unknown}/{len(nobeat)} = "
+    print(f"beatless {args.set} set: unknown {nb_unknown}/{len(nobeat)} = "
           f"{100 * nb_unknown / max(len(nobeat), 1):.1f} %")
     wrong = [f"{r[0].name} -> {r[2].bpm} (conf {r[2].confidence:.2f})" for r in nobeat
              if r[3] != "unknown"]
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=2.0, help="percent (default 2)")
     ap.add_argument("--realistic", action="store_true",
                     help="score the realistic and beatless report sets instead")
+    ap.add_argument("--set", choices=("report", "check", "tune"), default="report",
+                    help="realistic set to score: the held-out report set (default), the second "
+                         "held-out check set, or, to compare, the tuning set the weights were "
+                         "fitted on (bench/bpm_tune.py uses 240)")
     ap.add_argument("--n-report", type=int, default=120, help="realistic clips (default 120)")
     ap.add_argument("--n-beatless", type=int, default=48, help="beatless clips (default 48)")
     ap.add_argument("--cache", default=None, help="rendered-audio cache folder")

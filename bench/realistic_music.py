@@ -18,7 +18,9 @@ The *tuning* set (seeds from ``TUNE_SEED``) is what the detector's learned weigh
 confidence threshold were fitted on (bench/bpm_tune.py).  The *report* set (seeds from
 ``REPORT_SEED``) is only ever scored.  Both draw from the same style vocabulary, but every
 song - tempo, key, progression, harmonic rhythm, pattern variants, instruments, mix, effects -
-is drawn from its own seed, so no song of one set occurs in the other.
+is drawn from its own seed, so no song of one set occurs in the other.  A third set, *check*
+(seeds from ``CHECK_SEED``), was first drawn and scored only after the detector was finished:
+unlike the report set, nobody looked at it while working on the detector.
 
 Ground truth (what a musician would count)
 ------------------------------------------
@@ -60,8 +62,10 @@ import numpy as np
 GENERATOR_VERSION = 4  # bump when the generated music changes (invalidates the cache)
 TUNE_SEED = 10_000
 REPORT_SEED = 50_000
+CHECK_SEED = 90_000  # a second held-out set, drawn after the detector was finished
 BEATLESS_TUNE_SEED = 20_000
 BEATLESS_REPORT_SEED = 70_000
+BEATLESS_CHECK_SEED = 95_000
 DEFAULT_CACHE = os.environ.get("BPM_BENCH_CACHE",
                                os.path.join(tempfile.gettempdir(), "acestep_bpm_bench"))
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2",
@@ -931,8 +935,9 @@ def arrange(song: Song) -> Arrangement:
 
 
 def make_set(which: str, n: int) -> list[Song]:
-    """``n`` songs of the "tune" or "report" set, styles in proportion to their weights."""
-    base = {"tune": TUNE_SEED, "report": REPORT_SEED}[which]
+    """``n`` songs of the "tune", "report" or "check" set, styles in proportion to their
+    weights."""
+    base = {"tune": TUNE_SEED, "report": REPORT_SEED, "check": CHECK_SEED}[which]
     rng = np.random.default_rng(base)
     pool = [s for s, (_, _, _, w) in STYLES.items() for _ in range(w)]
     songs = []
@@ -958,7 +963,8 @@ BEATLESS_KINDS = ("sine_pad", "white_noise", "pink_noise", "brown_noise", "held_
 
 
 def make_beatless_set(which: str, n: int) -> list[Song]:
-    base = {"tune": BEATLESS_TUNE_SEED, "report": BEATLESS_REPORT_SEED}[which]
+    base = {"tune": BEATLESS_TUNE_SEED, "report": BEATLESS_REPORT_SEED,
+            "check": BEATLESS_CHECK_SEED}[which]
     rng = np.random.default_rng(base)
     songs = []
     for i in range(n):

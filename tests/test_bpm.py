@@ -152,7 +152,7 @@ def test_beatless_audio_is_unknown(kind):
 def test_no_steady_beat_message_names_confidence():
     est = estimate_tempo(BEATLESS["white noise"](), 44100)
     assert est.reason.startswith("no steady beat found (confidence ")
-    assert f"< {CONFIDENCE_THRESHOLD:.2f}); type the tempo" in est.reason
+    assert f"< {CONFIDENCE_THRESHOLD:.2f}), so the tempo is unknown; enter the BPM manually" in est.reason
 
 
 @pytest.mark.parametrize("bpm,style,seed", [(96.0, "rock", 21), (124.0, "house", 22),
