@@ -37,9 +37,16 @@ Method
    same clip length give.  Below ``CONFIDENCE_THRESHOLD`` the tempo is "unknown": pads,
    drones, noise, rain and wind chimes have onsets but no steady beat.
 
-Measured accuracy
------------------
-(filled in from bench/RESULTS.md)
+Ground truth and measured accuracy
+----------------------------------
+The tempo is the notated beat a musician would count; for half-time styles the convention
+the genre itself states (trap 130-165 with the snare on 3, drum and bass 164-178 with the
+snare on 2 and 4, reggae one-drop 64-86, swing/shuffle the quarter note, 12/8 ballads the
+dotted quarter) - written out in bench/realistic_music.py.  On its held-out report set
+(120 FluidSynth-rendered clips, 22 styles; ``python bench/bpm_accuracy.py --realistic``):
+95.8 % within +-2 %, 99.2 % within +-2 % of the tempo or its half/double/third/triple, no
+music called unknown, 48/48 beatless clips unknown, ~36 ms per clip on one CPU thread.
+Synthetic clips (tests/synthetic_music.py, seed 0): 98 %.  Details: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -96,7 +103,9 @@ class TempoEstimate:
 CONFIDENCE_THRESHOLD = 0.5  # confidence below this: "unknown" (see confidence_from_clarity)
 
 # BEGIN LEARNED
-# bench/bpm_tune.py: 540 labelled tuning clips (realistic tune set 240, synthetic seeds [10, 11, 12]), L2 0.003, CV 98.5 %
+# bench/bpm_tune.py: 540 labelled tuning clips (realistic tune set 240, synthetic seeds [10, 11, 12])
+# L2 0.003, 5-fold CV octave accuracy 98.5 %
+# confidence from 540 music and 48 beatless tuning clips
 FEATURES = (
     'salience',
     'log_tempo',
