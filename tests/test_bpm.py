@@ -1,4 +1,5 @@
-"""Tests for acestep_lora.bpm.detect_bpm (tempo detection) and the synthetic-music helper."""
+"""Tests for acestep_lora.bpm (tempo detection: detect_bpm, estimate_tempo, confidence and "unknown", the
+learned octave decision on hard grooves) and the synthetic-music helper."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from acestep_lora.bpm import MIN_SECONDS, detect_bpm  # noqa: E402
+from acestep_lora import bpm as bpm_module  # noqa: E402
+from acestep_lora.bpm import (CONFIDENCE_THRESHOLD, MIN_SECONDS, TempoEstimate,  # noqa: E402
+                              detect_bpm, estimate_tempo)
 from synthetic_music import STYLES, make_clip  # noqa: E402
 
 TOL = 0.02  # +-2 %
@@ -108,9 +111,6 @@ def test_make_clip_contract():
 
 
 # ----------------------------------------------------------------------------- confidence
-
-from acestep_lora import bpm as bpm_module  # noqa: E402
-from acestep_lora.bpm import CONFIDENCE_THRESHOLD, TempoEstimate, estimate_tempo  # noqa: E402
 
 
 def _sine_pad(seconds=20.0, sr=44100):
