@@ -8,7 +8,8 @@ It is checked against bench/memory_model.py (a fake-tensor trace of the real ste
 allocator, itself within 1 % of the official trainer's H100 measurements) by tests/test_memory.py.
 
 ``choose_gradient_checkpointing`` is ``gradient_checkpointing = auto``: checkpointing only when the step would not
-fit in the card's free memory without it.
+fit in the card's free memory without it; ``checkpointing_for`` applies the option on any device, reading the
+card's free memory (``usable_cuda_bytes``) on CUDA.
 """
 from __future__ import annotations
 
@@ -129,8 +130,8 @@ def estimate_peak_bytes(cfg: AceStepConfig, batch: int, frames: int, tokens: int
     resident = decoder_parameters(cfg) * e + lora * (12 + e) + workspace_bytes + dataset_bytes
     token, cond = _saved_per_token(cfg, rank, targets, dropout, e)
     per_layer = token * patches + cond * cond_tokens
-    outside = cond_tokens * h * e * 2 + patches * h * (e + 4) + batch * frames * 64 * 4 * 4  # condition (input,
-    # embedded), final norm, loss terms in fp32
+    # the condition (as input, at the encoder's width, and embedded), the final norm, the loss terms in fp32
+    outside = cond_tokens * (cfg.condition_width + h) * e + patches * h * (e + 4) + batch * frames * 64 * 4 * 4
     working = patches * (3 * i + 2 * h) * e  # backward of the MLP that starts the backward pass
     if checkpointing:  # every layer keeps its input; one layer's activations exist at a time
         activations = layers * patches * h * e + per_layer
@@ -151,11 +152,44 @@ def choose_gradient_checkpointing(free_bytes: int, cfg: AceStepConfig, batch: in
     without = estimate_peak_bytes(cfg, batch, frames, tokens, rank, targets, False, **kw)
     gib = 2 ** 30
     if without <= budget:
-        return False, (f"gradient checkpointing off: the step needs about {without / gib:.1f} GiB, "
+        return False, (f"gradient checkpointing off (auto): the step needs about {without / gib:.1f} GiB, "
                        f"{free_bytes / gib:.1f} GiB free")
     with_gc = estimate_peak_bytes(cfg, batch, frames, tokens, rank, targets, True, **kw)
-    reason = (f"gradient checkpointing on: without it the step needs about {without / gib:.1f} GiB, with it "
+    reason = (f"gradient checkpointing on (auto): without it the step needs about {without / gib:.1f} GiB, with it "
               f"{with_gc / gib:.1f} GiB; {free_bytes / gib:.1f} GiB free")
     if with_gc > budget:
         reason += " (likely out of memory even so: lower batch_size, max_duration or lora_rank)"
     return True, reason
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (what the estimate's resident weights already count)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def usable_cuda_bytes(device: torch.device, counted_bytes: int) -> int:
+    """Memory a training step can plan with on a CUDA ``device``: what the driver reports free, the blocks this
+    process's caching allocator holds unused (it reuses them), and ``counted_bytes`` already allocated that the
+    estimate counts itself (the model and LoRA weights, data staged on the GPU). Other allocations of the process
+    (e.g. models another node left loaded) are not usable."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) + counted_bytes
+
+
+def checkpointing_for(mode: str, device: torch.device, cfg: AceStepConfig, batch: int, frames: int, tokens: int,
+                      rank: int, targets: Iterable[str], *, dtype: torch.dtype, dropout: float, counted_bytes: int,
+                      dataset_bytes: int = 0) -> tuple[bool, str]:
+    """The ``gradient_checkpointing`` option applied: (use it?, the reason in words). on/off as set; auto: on CUDA
+    from the estimate and the card's usable memory (choose_gradient_checkpointing), on for Apple GPUs (memory
+    shared with the system, no reliable free figure), off on a CPU. ``frames`` / ``tokens``: the longest batch's
+    padded shape; ``counted_bytes``: weights (and staged data) already on the device."""
+    if mode != "auto":
+        return mode == "on", f"gradient checkpointing {mode} (as set)"
+    if device.type == "mps":
+        return True, "gradient checkpointing on (auto: Apple GPUs share their memory with the system)"
+    if device.type != "cuda":
+        return False, f"gradient checkpointing off (auto: {device.type})"
+    usable = usable_cuda_bytes(device, counted_bytes)
+    return choose_gradient_checkpointing(usable, cfg, batch, frames, tokens, rank, targets, dtype=dtype,
+                                         dropout=dropout, dataset_bytes=dataset_bytes)

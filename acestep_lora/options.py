@@ -29,6 +29,7 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from .audio import LONG_AUDIO_CHOICES
 from .checkpoint import DEFAULT_CONFIG_PATH
+from .compile import COMPILE_MODES
 from .device import DEVICE_CHOICES
 from .source import AUTO, VARIANT_CHOICES as VARIANTS
 
@@ -224,8 +225,8 @@ class TrainConfig:
         "With logit-normal sampling: share of steps trained without the caption (keeps CFG working). Turbo "
         "ignores it.", min=0.0, max=0.5, step=0.01, advanced=True, node=OPTIONAL))
     gradient_checkpointing: str = field(default="auto", metadata=option(
-        "Recompute activations to save memory (~30% slower). auto: on for GPUs under 20 GB (XL models: under "
-        "32 GB).",
+        "Recompute activations to save memory (~30% slower). auto: on when the step would not fit in the GPU's "
+        "free memory (estimated at the start, the reason is logged) and on Apple GPUs.",
         choices=GRADIENT_CHECKPOINTING, advanced=True, node=OPTIONAL))
     warmup_steps: int = field(default=100, metadata=option(
         "Linear warm-up (capped at 10% of all steps).", min=0, max=10000, advanced=True, node=OPTIONAL))
@@ -253,6 +254,14 @@ class TrainConfig:
     dist_timeout: int = field(default=1800, metadata=option(
         "Several processes (torchrun): seconds a process waits for the others at a step (process 0's checkpoints "
         "and epoch hooks included) before the run stops as hung.", min=60, max=86400, advanced=True))
+    # speed: the compiled step (acestep_lora/compile.py)
+    compile: str = field(default="auto", metadata=option(
+        "Compile the training step with torch.compile: fewer, fused GPU kernels, so faster steps; the first step of "
+        "each length bucket takes longer (it compiles). auto: on for CUDA GPUs with Triton, off on CPU and Apple "
+        "GPUs.", choices=COMPILE_MODES, advanced=True, node=OPTIONAL))
+    cuda_graphs: bool = field(default=False, metadata=option(
+        "Replay the compiled step as CUDA graphs (a few launches per step instead of hundreds). Experimental: not "
+        "yet validated on a GPU; needs the compiled step on CUDA.", advanced=True))
     # Hear it while it trains (previews.py, validation.py)
     preview_every_n_epochs: int = field(default=-1, metadata=option(
         "Render short preview clips with the LoRA every N epochs and after the last one, and once with the LoRA "
@@ -293,6 +302,7 @@ def check_config(c: TrainConfig) -> None:
              "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
              "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
              "gradient_checkpointing": (c.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
+             "compile": (c.compile in COMPILE_MODES, "auto, on or off"),
              "comfy_dtype": (c.comfy_dtype in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32")}
     for name, (ok, rule) in rules.items():
         if not ok:

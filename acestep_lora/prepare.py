@@ -148,6 +148,7 @@ class _Piece:
     key: str = ""
     file: str = ""
     seed: int = 0  # of the VAE posterior sample: from the audio and its window only
+    bpm_note: str = ""  # why detection left the tempo unknown (kept in the tensor file's metadata)
 
     @property
     def label(self) -> str:
@@ -354,7 +355,8 @@ def prepare_dataset(items: list[PrepareItem], output_dir: str, settings: Prepare
                     progress(index, len(pieces), f"encoding {piece.short_label}")
                 waveform, rate = _decode(piece, len(encoded))
                 if piece.bpm is None and settings.detect_bpm:
-                    piece.bpm, piece.bpm_source, _ = sample_files.detect_tempo(waveform, rate)
+                    piece.bpm, piece.bpm_source, note = sample_files.detect_tempo(waveform, rate)
+                    piece.bpm_note = note or ""
                 if models is None:
                     models = _Models(settings, source, device, dtype)
                 data = models.encode(piece, waveform, rate)
@@ -430,7 +432,8 @@ def _sample_info(piece: _Piece, meta: dict) -> SampleInfo:
                       caption=src.caption, caption_source=src.caption_source, lyrics=src.lyrics,
                       lyrics_source=src.lyrics_source, instrumental=src.lyrics == INSTRUMENTAL_LYRICS, bpm=bpm,
                       bpm_source=bpm_source, keyscale=src.keyscale, language=src.language,
-                      timesignature=src.timesignature, notes=list(piece.notes))
+                      timesignature=src.timesignature,
+                      notes=list(piece.notes) + ([meta["bpm_note"]] if bpm is None and meta.get("bpm_note") else []))
 
 
 # ----------------------------------------------------------------------------------------------------- status
@@ -647,7 +650,8 @@ class _Models:
                 "caption": src.caption, "lyrics": src.lyrics, "duration": round(duration, 3), "frames": frames,
                 "duration_total": round(src.total_frames / src.rate, 3), "segment": piece.index,
                 "segments": piece.count, "offset": round(piece.start / src.rate, 3),
-                "bpm": piece.bpm, "bpm_source": piece.bpm_source or UNKNOWN, "keyscale": src.keyscale,
+                "bpm": piece.bpm, "bpm_source": piece.bpm_source or UNKNOWN, "bpm_note": piece.bpm_note,
+                "keyscale": src.keyscale,
                 "timesignature": src.timesignature, "language": src.language,
                 "is_instrumental": src.lyrics == INSTRUMENTAL_LYRICS, "cache_key": piece.key,
                 "config_path": self.settings.config_path, "preprocess_version": PREPROCESS_VERSION,

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from . import distributed, export, lora, previews
+from .compile import plan_step
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory
 from .export import TrainResult
@@ -71,7 +72,7 @@ class Trainer:
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
         self.dist.same_everywhere({"settings": self.signature, "resume": self.resume_dir, "reuse": self.finished_dir})
-        self.net = None
+        self.net = self.step_decoder = None
         # Plug-ins (validation.py, previews.py), in every process; what they record goes into the next checkpoint.
         # start_hooks(trainer): before the first step; epoch_hooks(trainer, epoch): after the epoch is logged, before
         # its checkpoint; checkpoint_hooks(trainer, folder): files into a checkpoint being built (process 0);
@@ -96,7 +97,6 @@ class Trainer:
         self.targets = lora.parse_targets(cfg.target_modules, lora.linear_names(self.net))
         # LoRA weights (and so AdamW state) are fp32 whatever the compute dtype; the frozen base stays as loaded.
         self.lora_layers = lora.inject(self.net, self.targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-        self.net.gradient_checkpointing = self._use_checkpointing()
         self.net.train()
         self.params = lora.lora_parameters(self.lora_layers)
         self.dist.broadcast_parameters(self.params)
@@ -110,6 +110,8 @@ class Trainer:
         self.objective = FlowMatching(self.sampling, self.device, self.dtype, self.model_cfg.timestep_mu,
                                       self.model_cfg.timestep_sigma, cfg.cfg_dropout, model.null_condition_emb.detach())
         self.data.to(self.device, self.dtype)
+        self.step_decoder, self.step_notes = plan_step(self.net, cfg, self.model_cfg, self.targets, self.data,
+                                                       self.device, self.dtype)  # compiled? checkpointing?
         self.metrics = MetricsLog(cfg.output_dir, cfg.train_epochs, cfg.log_every, self.device.type == "cpu",
                                   self.progress, self._divergence_advice, writes=self.dist.main)
         self.run_id, self.global_step, self.epoch_loras = self.dist.on_main(lambda: uuid.uuid4().hex[:12]), 0, []
@@ -117,15 +119,6 @@ class Trainer:
         if self.resume_dir is not None:
             self._resume()
         self.metrics.total_steps, self.last_lr = self.optim.total_steps, self.optim.lr
-
-    def _use_checkpointing(self) -> bool:
-        mode = self.cfg.gradient_checkpointing
-        if mode != "auto":
-            return mode == "on"
-        if self.device.type == "cuda":  # TODO(lead): memory.choose_gradient_checkpointing (attn branch) when merged
-            limit = 32 if self.model_cfg.family == "XL" else 20  # XL, 240 s: ~22 GiB without it, ~10 GiB with it
-            return torch.cuda.get_device_properties(self.device).total_memory < limit * 2 ** 30
-        return self.device.type == "mps"
 
     def _resume(self) -> None:
         state = RunState.load(self.resume_dir)
@@ -150,7 +143,7 @@ class Trainer:
         """The objective on one batch, its noise and timesteps drawn from the run's generator (no backward)."""
         if batch.target_latents.device != self.device:  # dataset too large to stage on the GPU
             batch = batch.to(self.device)
-        return self.objective.loss(self.net, batch, self.objective.draw(batch, self.noise_gen))
+        return self.objective.loss(self.step_decoder, batch, self.objective.draw(batch, self.noise_gen))
 
     def step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on ``batch`` as the loop runs it (draw, forward, backward, gradients summed over the
@@ -320,7 +313,7 @@ class Trainer:
                 "parameters" + (f", {c.batch_size * self.accum} samples per step from {self.dist.world} processes"
                                 if self.dist.world > 1 else "")
                 + (f", resumed from {self.resume_dir} at step {self.global_step}" if self.resume_dir else "")
-                + f"\nmodel: {self.source.describe_dit()}"
+                + f"\nmodel: {self.source.describe_dit()}" + "".join(f"\n{n}" for n in self.step_notes)
                 + (f"\n{self.note}" if self.note else ""))
 
     def _divergence_advice(self) -> str:

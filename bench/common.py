@@ -119,11 +119,12 @@ def training_tflops(cfg: AceStepConfig, batch: int, frames: int, tokens: int, ra
 
 def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames, tokens: int, rank: int, *,
                  checkpointing: str = "off", device: str = "auto", dtype=None, trainer_class=None,
-                 build: bool = True) -> Trainer:
+                 build: bool = True, compile: str = "off", cuda_graphs: bool = False) -> Trainer:
     """The real Trainer on ``batch`` synthetic samples (``frames``: int or per-sample list, see write_tensor_dir).
 
     ``build=False`` returns it before ``setup()`` (model, optimizer, data staging), e.g. to set it up under
-    FakeTensorMode with ``trainer.setup(model=random_model(trainer))``."""
+    FakeTensorMode with ``trainer.setup(model=random_model(trainer))``. ``compile`` / ``cuda_graphs``: the
+    trainer's options (compile "on": the step as the trainer compiles it, acestep_lora.compile.for_training)."""
     from acestep_lora.train import TrainConfig
 
     ckpt = os.path.join(workdir, "ckpt")
@@ -133,7 +134,8 @@ def make_trainer(workdir: str, cfg: AceStepConfig, batch: int, frames, tokens: i
                                cfg.encoder_hidden_size or cfg.hidden_size)
     tc = TrainConfig(tensor_dir=tensors, checkpoint_dir=ckpt, output_dir=os.path.join(workdir, f"run_{time.time_ns()}"),
                      lora_rank=rank, lora_alpha=2 * rank, lora_dropout=0.1, batch_size=batch, train_epochs=10 ** 6,
-                     save_every_n_epochs=0, gradient_checkpointing=checkpointing, device=device)
+                     save_every_n_epochs=0, gradient_checkpointing=checkpointing, device=device, compile=compile,
+                     cuda_graphs=cuda_graphs)
     trainer = (trainer_class or Trainer)(tc)
     if dtype is not None:  # e.g. bf16 autocast on a CPU, to mirror the CUDA code path
         trainer.dtype = dtype

@@ -2,7 +2,9 @@
 # Everything a session with a CUDA GPU runs, in one go, in under 8 minutes (an H100/H200), results under $OUT:
 #   device.txt           GPU, driver, torch / CUDA / cuDNN versions, the attention backend chosen
 #   test_gpu.txt         the CUDA-only tests: fused attention vs reference (every layer type, padded or not), MATH
-#                        never selected, CUDA-graph replay, no host syncs, bf16 step vs fp32, memory estimate vs real
+#                        never selected, no host syncs, bf16 step vs fp32, memory estimate vs real, and the compiled
+#                        step: CompiledDecoder with CUDA-graph replay == eager, the trainer's compile = auto (Triton
+#                        kernels) and cuda_graphs = true training what compile = off trains, no fallback
 #   train_step.txt       eager table: ms/step, audio-s/s vs the official trainer and the targets, peak vs official
 #   launches.txt         CUDA kernels per step counted by the profiler (checks bench/launch_count.py's model)
 #   compiled.txt         compiled and CUDA-graph rows at 1 x 1500 and 1 x 6000 (the launch-bound rows)
@@ -54,7 +56,7 @@ if torch.cuda.is_available():
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-run test_gpu 150 "$PY" -m pytest -q tests/test_gpu.py
+run test_gpu 200 "$PY" -m pytest -q -rA tests/test_gpu.py  # the compile / CUDA-graph checks included
 if [ "$CUDA" = 1 ]; then
   run train_step 150 "$PY" bench/train_step.py --steps "$STEPS" --warmup "$WARMUP" --mode eager --record
   run launches 120 "$PY" bench/launch_count.py --profile
@@ -73,9 +75,14 @@ fi
   echo "- peak <= the official at every row without checkpointing (5.8 / 7.7 / 15.1 / 16.2 / 27.4 / 25.2 GiB);"
   echo "  <= 8 GiB at 1 x 6000 with it (memory model: 4.26 GiB)"
   echo "- MATH attention never selected (test_gpu.txt: test_decoder_never_runs_math_attention)"
+  echo "- kernel launches per step at 1 x 1500 (tiny width, 24 layers): eager <= 4,000, compiled <= 800 (launches.txt)"
+  echo "- the compiled step (compile = auto) and CUDA-graph replay train what eager trains (test_gpu.txt:"
+  echo "  test_trainer_compiles_its_step_on_cuda_and_trains_what_eager_trains)"
   echo
   if [ "$CUDA" = 1 ]; then
     grep -h "^| 1 x 1500 \|^| 1 x 6000 \|^| 8 x 1500 " "$OUT/train_step.txt" "$OUT/compiled.txt" 2> /dev/null | sort -u
+    grep -h "^CUDA kernels per step\|^compiled:" "$OUT/launches.txt" 2> /dev/null
+    grep -h "test_trainer_compiles_its_step\|test_compiled_decoder_with_cuda_graphs" "$OUT/test_gpu.txt" 2> /dev/null
   else
     echo "not measured (no GPU): speed and peak-memory rows need a CUDA device; tiny-config CPU table in train_step.txt"
   fi

@@ -206,7 +206,7 @@ def count_compiled_layers(layers: int, frames: int = 1500, rank: int = 8, batch:
                                    dtype=torch.bfloat16)
             trainer._flush = lambda check=True: None
             trainer.net.attention_backend = "flash"
-            trainer.net = compiled = CompiledDecoder(trainer.net, dtype=torch.bfloat16)
+            trainer.step_decoder = compiled = CompiledDecoder(trainer.net, dtype=torch.bfloat16)
             before = len(codecache.PyCodeCache.modules)
             train_step(trainer)  # compiles the forward and the backward
             sources = [open(m.__file__).read() for m in codecache.PyCodeCache.modules[before:]]
@@ -267,12 +267,9 @@ def profile_cuda(mode: str, frames: int = 1500, layers: int = 24, rank: int = 8,
     the dispatch model above."""
     from torch.profiler import ProfilerActivity, profile
 
-    from acestep_lora.compile import CompiledDecoder
-
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = make_trainer(workdir, tiny_config(layers), 1, frames, ENCODER_LENGTH, rank, device="cuda")
-        if mode == "compiled":
-            trainer.net = CompiledDecoder(trainer.net, dtype=trainer.dtype)
+        trainer = make_trainer(workdir, tiny_config(layers), 1, frames, ENCODER_LENGTH, rank, device="cuda",
+                               compile="on" if mode == "compiled" else "off")
         for _ in range(3):
             train_step(trainer)
         torch.cuda.synchronize()
@@ -405,7 +402,7 @@ def main():
     print(text)
     if args.record:
         record(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "Kernel launches per training step",
-               "python bench/launch_count.py --official --record", text)
+               " ".join(["python bench/launch_count.py", *sys.argv[1:]]), text)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,9 @@ def _longest(frames) -> int:
 
 
 def bench_row(workdir, cfg, batch, frames, checkpointing, steps, warmup, rank, mode="eager"):
-    trainer = make_trainer(workdir, cfg, batch, frames, ENCODER_LENGTH, rank, checkpointing=checkpointing)
+    trainer = make_trainer(workdir, cfg, batch, frames, ENCODER_LENGTH, rank, checkpointing=checkpointing,
+                           compile="off" if mode == "eager" else "on", cuda_graphs=mode == "graphs")
     device = trainer.device
-    if mode != "eager":
-        from acestep_lora.compile import CompiledDecoder
-
-        trainer.net = CompiledDecoder(trainer.net, cuda_graphs=mode == "graphs", dtype=trainer.dtype)
     for _ in range(warmup):
         train_step(trainer)
     times = []

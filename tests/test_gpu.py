@@ -235,6 +235,30 @@ def test_compiled_decoder_with_cuda_graphs_equals_eager(tiny_ckpt):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1  # replayed, not recompiled
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["compiled", "cuda_graphs"])
+def test_trainer_compiles_its_step_on_cuda_and_trains_what_eager_trains(tiny_ckpt, cuda_tensors, tmp_path,
+                                                                        cuda_graphs):
+    """compile = auto on CUDA: the trainer's step is compiled (Triton kernels; with cuda_graphs replayed), nothing
+    falls back, and three epochs give the eager losses and LoRA weights within bf16 tolerance."""
+    from acestep_lora.compile import CompiledDecoder
+
+    runs = {}
+    torch._dynamo.reset()
+    for mode in ("auto", "off"):
+        trainer = make(tiny_ckpt, cuda_tensors, tmp_path / mode, compile=mode, cuda_graphs=cuda_graphs,
+                       train_epochs=3, save_every_n_epochs=0, batch_size=2)
+        result = trainer.train()
+        if mode == "auto":
+            assert isinstance(trainer.step_decoder, CompiledDecoder) and trainer.step_decoder.failed is None
+            assert "step compiled (torch.compile" in trainer._header()
+        runs[mode] = ([loss for _, loss, *_ in result.history],
+                      torch.cat([p.detach().flatten() for p in trainer.params]))
+    (losses_c, weights_c), (losses_e, weights_e) = runs["auto"], runs["off"]
+    for a, b in zip(losses_c, losses_e):
+        assert abs(a - b) <= 3e-2 * abs(b), (losses_c, losses_e)
+    assert ((weights_c - weights_e).norm() / weights_e.norm()).item() < 5e-2
+
+
 def test_memory_estimate_matches_a_real_step(tiny_ckpt, tmp_path):
     """acestep_lora.memory's estimate against torch.cuda.max_memory_allocated of the real step, mid-size config."""
     import sys

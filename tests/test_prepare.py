@@ -357,6 +357,10 @@ def test_tempo_detector_gets_the_decoded_window_and_its_failure_means_unknown(se
     result = prepare_dataset([PrepareItem(name=path, path=path, caption="drone")], str(tmp_path / "t"), settings)
     assert calls == [((2, 48000), 32000)]  # the audio as decoded, at its own rate
     assert (result.samples_info[0].bpm, result.samples_info[0].bpm_source) == (None, "unknown")
+    # The table says why, also when the tensors are reused (the reason is kept in the tensor file).
+    assert "no steady beat" in _row(result.table, "drone.wav")
+    again = prepare_dataset([PrepareItem(name=path, path=path, caption="drone")], str(tmp_path / "t"), settings)
+    assert again.reused == 1 and "no steady beat" in _row(again.table, "drone.wav")
 
 
 def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):
@@ -427,8 +431,9 @@ def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):
     # ... and a caption typed over the sidecar's is credited to the typing.
     typed[0].caption = "my own words"
     changed = prepare_dataset(typed, str(tmp_path / "t"), settings)
-    assert changed.samples_info[0].caption_source == "typed" and changed.samples_info[0].notes == [
-        "very short (1 s)"]
+    notes = changed.samples_info[0].notes
+    assert changed.samples_info[0].caption_source == "typed" and notes[0] == "very short (1 s)"
+    assert len(notes) == 2 and "too short to measure its tempo" in notes[1]  # why its tempo is unknown
 
 
 def test_header_counts_and_no_silly_ratio(settings, tmp_path):

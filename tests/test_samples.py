@@ -154,6 +154,16 @@ def test_bpm_detection_with_real_detector(tmp_path):
     assert abs(info["bpm"] - 120) <= 2
 
 
+def test_beatless_audio_stored_as_unknown_and_said(tmp_path):
+    """Noise has onsets but no steady beat: the real detector's confidence is low, so the tempo is stored as
+    unknown (never a made-up number) and the note the node shows says why and what to do."""
+    noise = 0.1 * torch.randn(2, SR * 8, generator=torch.Generator().manual_seed(5))
+    info = create_sample(noise, SR, "rain on a window", str(tmp_path))
+    assert info["bpm"] is None and info["bpm_source"] == "unknown"
+    assert "no steady beat" in info["note"] and "confidence" in info["note"] and "bpm input" in info["note"]
+    assert json.load(open(info["sidecar_path"]))["bpm"] is None
+
+
 def test_peak_above_one_saved_as_float_wav(tmp_path):
     wave = tone(0.5, amp=1.7)
     info = create_sample(wave, SR, "loud synth", str(tmp_path), bpm=120)
