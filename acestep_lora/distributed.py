@@ -25,8 +25,9 @@ How train.py shares one run over N processes:
   in the summed losses, so every process sees it at the same step.
 - Only process 0 writes (checkpoints, ``train_log.jsonl``, the LoRA files, the run's result). Epoch hooks run in
   every process: a hook that writes files does so ``if is_main()``; one whose answer changes training takes process
-  0's (``on_main``); a hook that makes process 0 work long must fit in the process-group timeout (``dist_timeout``,
-  the others wait for it at the next step).
+  0's (``on_main``, which also raises process 0's exception in every process, so none goes on alone); a hook that
+  makes process 0 work long must fit in the process-group timeout (``dist_timeout``, the others wait for it at the
+  next step). Previews and the validation loss (previews.py, validation.py) work that way.
 - A lost process (killed, crashed): the next exchange with it fails at once (gloo notices the closed connection);
   the others raise ``ProcessLost`` and process 0 saves a resumable checkpoint where the step began when its state is
   complete (``settled``: on a GPU the last gradient sum must have finished; a sum the lost process never joined
@@ -41,6 +42,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -167,13 +169,21 @@ class Processes:
                              "and the same files (on one machine, or folders every process sees).")
 
     def on_main(self, fn: Callable[..., Any], *args) -> Any:
-        """``fn(*args)`` run by process 0 alone (the others wait); every process gets its return value."""
-        result = fn(*args) if self.main else None
-        if self.world > 1:
-            box = [result]
-            self._collective(dist.broadcast_object_list, box, src=0, group=self.host)
-            result = box[0]
-        return result
+        """``fn(*args)`` run by process 0 alone (the others wait); every process gets its return value, or raises
+        the exception it raised (so no process goes on, or waits, alone)."""
+        if self.world == 1:
+            return fn(*args)
+        result, failure = None, None
+        if self.main:
+            try:
+                result = fn(*args)
+            except Exception as error:  # noqa: BLE001  (passed on to the others, then raised here as it was)
+                failure, result = error, _Failed(_portable(error))
+        box = [result]
+        self._collective(dist.broadcast_object_list, box, src=0, group=self.host)
+        if isinstance(box[0], _Failed):
+            raise failure if failure is not None else box[0].error
+        return box[0]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -199,6 +209,22 @@ class Processes:
                 return False
             time.sleep(0.05)
         return True
+
+
+@dataclass
+class _Failed:
+    """What ``on_main`` sends the others when process 0's call raised."""
+
+    error: BaseException
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as the other processes can receive it (one that does not pickle: a RuntimeError with its text)."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"process 0: {type(error).__name__}: {error}")
 
 
 SINGLE = Processes()

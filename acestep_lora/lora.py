@@ -14,8 +14,10 @@ PEFT). Writing it needs no PEFT.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,17 @@ def save_peft_adapter(directory: str, layers: dict[str, LoRALinear], targets: li
     os.makedirs(directory, exist_ok=True)
     write_peft_config(directory, peft_adapter_config(rank, alpha, dropout, targets))
     save_file(peft_state_dict(layers), os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def disabled(layers: dict[str, LoRALinear]) -> Iterator[None]:
+    """The LoRA layers act as their frozen base while inside (scale 0), e.g. for the base model's answer to a
+    preview prompt; the trained weights are not touched and the scales come back on exit."""
+    scales = {name: layer.scaling for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.scaling = 0.0
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.scaling = scales[name]

@@ -30,7 +30,12 @@ PRINT_EVERY_SECONDS = 10.0  # epoch lines in the console; train_log.jsonl gets e
 class ProgressEvent:
     """Where training is. ``points`` are the ``[step, loss, lr]`` read back since the previous event (the first
     event of a resumed run also carries the restored history); ``loss``/``lr`` are the newest point's, None when
-    no point is new; ``eta`` in seconds, NaN while unknown."""
+    no point is new; ``eta`` in seconds, NaN while unknown.
+
+    ``validation``: the held-out validation losses ``[step, loss, epoch]`` computed since the previous event (step 0:
+    the model before training, LoRA off; validation.py). ``previews``: the preview sets rendered since then, each
+    ``{"epoch", "step", "base", "files", "captions"}`` with ``files`` relative to the run's output folder and
+    ``base`` true for the LoRA-off reference (epoch 0; previews.py). A resumed run announces the restored ones."""
 
     step: int
     total_steps: int
@@ -41,6 +46,8 @@ class ProgressEvent:
     loss: Optional[float] = None
     lr: Optional[float] = None
     points: list = field(default_factory=list)
+    validation: list = field(default_factory=list)
+    previews: list = field(default_factory=list)
 
     def message(self, **context) -> dict:
         """The JSON form (the live chart's websocket message): the fields, ``context`` (node, output_dir), and
@@ -50,8 +57,12 @@ class ProgressEvent:
     @classmethod
     def example(cls) -> "ProgressEvent":
         """A typical mid-run event (tests/js/fixtures/training_messages.json is made from it)."""
+        files = lambda folder: [f"previews/{folder}/preview_{i}.flac" for i in (1, 2)]  # noqa: E731
+        captions = ["dreamy lofi piano, mystyle", "energetic rock, distorted guitars, mystyle"]
         return cls(step=4, total_steps=100, epoch=2, total_epochs=50, elapsed=15.0, eta=360.0, loss=0.7, lr=4e-05,
-                   points=[[3, 0.85, 3e-05], [4, 0.7, 4e-05]])
+                   points=[[3, 0.85, 3e-05], [4, 0.7, 4e-05]], validation=[[0, 0.91, 0], [4, 0.74, 2]],
+                   previews=[{"epoch": 0, "step": 0, "base": True, "files": files("base"), "captions": captions},
+                             {"epoch": 2, "step": 4, "base": False, "files": files("epoch_2"), "captions": captions}])
 
 
 def _json_safe(value):
@@ -88,7 +99,8 @@ class MetricsLog:
         self.jsonl, self.writes = os.path.join(output_dir, "train_log.jsonl"), writes
         self.total_epochs, self.log_every, self.read_every_step = total_epochs, log_every, read_every_step
         self.on_event, self.advice = on_event, advice
-        self.history, self.epoch_log, self.notes, self.lines = [], [], [], []  # notes: {"note", "epoch", "step"}
+        # notes: the other lines of train_log.jsonl ({"note", "epoch", "step"}, and what record() writes)
+        self.history, self.epoch_log, self.notes, self.lines = [], [], [], []
         self.pending_steps = []  # (step, loss tensor, lr): not yet read back from the device
         self.pending_epochs = []  # (epoch, step, loss-sum tensor, micro-batches, lr, seconds)
         self.unsent = []  # points no event carried yet
@@ -102,6 +114,26 @@ class MetricsLog:
     def note(self, text: str) -> None:
         """A line for the log and train_log.jsonl, between the epochs where it happened."""
         self.notes.append({"note": text, "epoch": self.epoch, "step": self.step})
+
+    def record(self, entry: dict, line: str = "", quiet: bool = False, **event) -> None:
+        """A line of its own in train_log.jsonl (a validation loss, a preview set: readers skip lines without
+        "loss"), kept with the notes so a resumed run writes it again; ``line`` for the log (not the console when
+        ``quiet``); ``event``: what the next progress event announces (ProgressEvent.validation / .previews), sent
+        now."""
+        entry = {"epoch": self.epoch, "step": self.step, **entry}
+        self.notes.append(entry)
+        if self.writes:
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        if line:
+            self.lines.append(line)
+            if not quiet:
+                log.info(line)
+        self.announce(**event)
+
+    def announce(self, **event) -> None:
+        """A progress event now, carrying ``event`` (ProgressEvent.validation / .previews) and any unsent points."""
+        self._emit([], **event)
 
     def start(self, header: str) -> None:
         """The session's first line; train_log.jsonl rewritten from the (restored) state; the clock starts."""
@@ -133,13 +165,13 @@ class MetricsLog:
         """A progress event without reading anything back (that would wait for the device)."""
         self._emit([])
 
-    def _emit(self, new_points: list) -> None:
+    def _emit(self, new_points: list, **new) -> None:
         if self.on_event is None:
             return
         points, self.unsent = self.unsent + new_points, []
         last = points[-1] if points else (None, None, None)
         self.on_event(ProgressEvent(self.step, self.total_steps, self.epoch, self.total_epochs,
-                                    time.time() - self.started, self.eta(), last[1], last[2], points))
+                                    time.time() - self.started, self.eta(), last[1], last[2], points, **new))
 
     def flush(self, check: bool = True) -> None:
         """Read pending step and epoch losses back in one transfer, check them, log them."""

@@ -336,10 +336,11 @@ def vae_config_from_shapes(view: dict[str, tuple[str, tuple]], where: str) -> di
     return cfg
 
 
-def load_vae_file(path: str, device="cpu", dtype: torch.dtype = torch.float32, decoder: bool = True):
+def load_vae_file(path: str, device="cpu", dtype: torch.dtype = torch.float32, decoder: bool = True,
+                  encoder: bool = True):
     """Load a ComfyUI-format VAE (split file or all-in-one checkpoint) strictly into an ``AudioVAE``; every key is
-    checked, and ``decoder=False`` reads and builds the encoder alone."""
-    from .vae import build_vae
+    checked, and ``decoder=False`` / ``encoder=False`` reads and builds the other half alone."""
+    from .vae import build_vae, wanted
 
     prefix, view = component_view(path, _load_header(path), VAE)
     cfg = vae_config_from_shapes(view, path)
@@ -347,11 +348,12 @@ def load_vae_file(path: str, device="cpu", dtype: torch.dtype = torch.float32, d
     check_state_keys(path, {prefix + native: shape for native, shape in key_map.values()},
                      {prefix + k: shape for k, (_, shape) in view.items()}, "Is this the ACE-Step 1.5 VAE?")
     state = read_tensors(path, {k: prefix + native for k, (native, _) in key_map.items()
-                                if decoder or not k.startswith("decoder.")})
+                                if wanted(k, decoder, encoder)})
     for k, t in state.items():
         if k.endswith((".alpha", ".beta")):
             state[k] = t.view(1, -1, 1)
-    return build_vae(cfg, state, path, "Is this the ACE-Step 1.5 VAE?", device, dtype, decoder=decoder)
+    return build_vae(cfg, state, path, "Is this the ACE-Step 1.5 VAE?", device, dtype, decoder=decoder,
+                     encoder=encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -262,7 +262,51 @@ class TrainConfig:
     cuda_graphs: bool = field(default=False, metadata=option(
         "Replay the compiled step as CUDA graphs (a few launches per step instead of hundreds). Experimental: not "
         "yet validated on a GPU; needs the compiled step on CUDA.", advanced=True))
+    # Hear it while it trains (previews.py, validation.py)
+    preview_every_n_epochs: int = field(default=-1, metadata=option(
+        "Render short preview clips with the LoRA every N epochs and after the last one, and once with the LoRA "
+        "off before training, to compare. -1 = with each checkpoint (save_every_n_epochs), 0 = no previews.",
+        min=-1, max=10000, node=OPTIONAL))
+    preview_count: int = field(default=2, metadata=option(
+        "Preview clips per epoch (clip i at preview_seed + i).", min=1, max=8, advanced=True, node=OPTIONAL))
+    preview_seconds: float = field(default=20.0, metadata=option(
+        "Length of each preview clip in seconds.", min=1.0, max=120.0, step=1.0, advanced=True, node=OPTIONAL))
+    preview_captions: str = field(default="", metadata=option(
+        "Captions of the preview clips, one per line (or a JSON array); the trigger tag is added as in training. "
+        "Empty = the captions of held-out samples, then of training samples.", widget={"multiline": True},
+        node=OPTIONAL))
+    preview_lyrics: str = field(default="", metadata=option(
+        "Lyrics of the preview clips: one text, or blocks separated by a line holding only --- (or a JSON array). "
+        "Empty = the samples' lyrics (instrumental with your own captions).", widget={"multiline": True},
+        node=OPTIONAL))
+    preview_seed: int = field(default=0, metadata=option(
+        "Noise seed of the preview clips: the same seed at every epoch, so only the LoRA changes.", min=0,
+        max=2 ** 31 - 1, widget={"control_after_generate": False}, advanced=True, node=OPTIONAL))
+    validation_split: float = field(default=0.1, metadata=option(
+        "Share of the samples held out of training to measure an honest validation loss (at least 1 when there "
+        "are 5 or more, at most 20; 0 = off). The epoch with the lowest one is kept in best/.", min=0.0, max=0.5,
+        step=0.01, node=OPTIONAL))
+    validation_every_n_epochs: int = field(default=10, metadata=option(
+        "Compute the validation loss every N epochs (and after the last one). Each costs about as much as "
+        "training on 3 samples per held-out sample.", min=1, max=10000, advanced=True, node=OPTIONAL))
 
+
+# The Trainer checks every config with this before anything is loaded, also one built in code (the ranges above
+# are enforced by the node's widgets and the command line). Moved here from train.py, which re-exports it.
+def check_config(c: TrainConfig) -> None:
+    """Refuse numbers training cannot use, naming the value."""
+    rules = {"lora_rank": (c.lora_rank >= 1, ">= 1"), "lora_alpha": (c.lora_alpha > 0, "> 0"),
+             "lora_dropout": (0 <= c.lora_dropout < 1, "in [0, 1)"), "learning_rate": (c.learning_rate > 0, "> 0"),
+             "train_epochs": (c.train_epochs >= 1, ">= 1"), "batch_size": (c.batch_size >= 1, ">= 1"),
+             "gradient_accumulation": (c.gradient_accumulation >= 1, ">= 1"),
+             "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
+             "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
+             "gradient_checkpointing": (c.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
+             "compile": (c.compile in COMPILE_MODES, "auto, on or off"),
+             "comfy_dtype": (c.comfy_dtype in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32")}
+    for name, (ok, rule) in rules.items():
+        if not ok:
+            raise ValueError(f"{name} must be {rule} (got {getattr(c, name)})")
 
 @cache
 def table(cls: type) -> tuple[Option, ...]:

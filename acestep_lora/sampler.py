@@ -51,7 +51,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import DEFAULT_CONFIG_PATH, load_config, load_dit, load_silence_latent
+from .checkpoint import DEFAULT_CONFIG_PATH
 from .config import AceStepConfig
 from .device import compute_dtype, release_memory, resolve_device
 from .metadata import (normalize_bpm, normalize_keyscale, normalize_language, normalize_lyrics,
@@ -182,20 +182,29 @@ def encode_prompt(text_encoder, condition_encoder: torch.nn.Module, silence: tor
     return Conditioning(states, mask, silence, prompt)
 
 
-def encode_prompts(checkpoint_dir: str, prompts: list, config_path: str = DEFAULT_CONFIG_PATH, device="cpu",
+def model_source(source, config_path: str = DEFAULT_CONFIG_PATH):
+    """A ``source.ModelSource``: ``source`` itself, or the official folder ``source`` (a checkpoint_dir) with
+    ``config_path``."""
+    from .source import ModelSource
+
+    return source if isinstance(source, ModelSource) else ModelSource.official(source, config_path)
+
+
+def encode_prompts(source, prompts: list, config_path: str = DEFAULT_CONFIG_PATH, device="cpu",
                    dtype: torch.dtype = torch.float32) -> list:
-    """Load the text encoder and the condition encoder, encode every prompt, release both.
+    """Load the text encoder and the condition encoder, encode every prompt, release both. ``source``: a
+    ``source.ModelSource`` (official folder or ComfyUI files), or an official checkpoint_dir with ``config_path``.
 
     A training loop calls this once before training and keeps the (small) Conditionings for its previews.
     """
-    from .text import load_text_encoder
-
+    source = model_source(source, config_path)
+    source.require("text_encoder")
     prompts = [p.normalized() for p in prompts]
     device = torch.device(device)
-    text_encoder = load_text_encoder(checkpoint_dir, device=device, dtype=dtype)
-    model = load_dit(checkpoint_dir, config_path, device=device, dtype=dtype, components=("encoder",))
+    silence = source.load_silence_latent(device=device, dtype=dtype)  # ComfyUI files: derived from the VAE once
+    text_encoder = source.load_text_encoder(device=device, dtype=dtype)
+    model = source.load_dit(("encoder",), device=device, dtype=dtype)
     try:
-        silence = load_silence_latent(checkpoint_dir, config_path, device=device, dtype=dtype)
         return [encode_prompt(text_encoder, model.encoder, silence, p, model.config.timbre_fix_frame)
                 for p in prompts]
     finally:
@@ -427,20 +436,23 @@ class GenerateResult:
     seconds: dict = field(default_factory=dict)  # wall time per phase
 
 
-def generate(checkpoint_dir: str, prompt: Prompt, *, config_path: str = DEFAULT_CONFIG_PATH, seed: int = 0,
+def generate(source, prompt: Prompt, *, config_path: str = DEFAULT_CONFIG_PATH, seed: int = 0,
              steps: Optional[int] = None, shift: Optional[float] = None, guidance_scale: Optional[float] = None,
              lora: Optional[str] = None, lora_scale: float = 1.0, device: str = "auto",
              progress: Optional[Callable[[int, int], None]] = None) -> GenerateResult:
-    """Generate one clip. Every input is checked (LoRA shape included) before a model is loaded."""
+    """Generate one clip. Every input is checked (LoRA shape included) before a model is loaded. ``source``: a
+    ``source.ModelSource`` (official folder or ComfyUI files, XL included), or an official checkpoint_dir with
+    ``config_path``."""
     from .lora_io import check_lora_fits, merge_lora_, read_lora
     from .model import AceStepModel
-    from .vae import load_vae
 
     notes = []
     if not (prompt.lyrics or "").strip():
         notes.append("no lyrics given: '[Instrumental]' used, as the training prompts do")
     prompt = prompt.normalized()
-    cfg: AceStepConfig = load_config(checkpoint_dir, config_path)
+    source = model_source(source, config_path)
+    source.require("vae", "text_encoder")
+    cfg: AceStepConfig = source.config
     settings = SamplerSettings.for_variant(cfg.variant, steps, shift, guidance_scale)
     if not math.isfinite(float(lora_scale)):
         raise ValueError(f"scale {lora_scale} is not a finite number; use e.g. 1.0.")
@@ -455,12 +467,12 @@ def generate(checkpoint_dir: str, prompt: Prompt, *, config_path: str = DEFAULT_
     seconds = {}
 
     started = time.time()
-    conditioning = encode_prompts(checkpoint_dir, [prompt], config_path, dev, dtype)[0]
+    conditioning = encode_prompts(source, [prompt], device=dev, dtype=dtype)[0]
     seconds["encode"] = time.time() - started
 
     started = time.time()
     components = ("decoder", "null_condition_emb") if settings.uses_cfg else ("decoder",)
-    model = load_dit(checkpoint_dir, config_path, device=dev, dtype=dtype, components=components)
+    model = source.load_dit(components, device=dev, dtype=dtype)
     try:
         if weights is not None:
             merge_lora_(model.decoder, weights, float(lora_scale))
@@ -472,7 +484,7 @@ def generate(checkpoint_dir: str, prompt: Prompt, *, config_path: str = DEFAULT_
     seconds["sample"] = time.time() - started
 
     started = time.time()
-    vae = load_vae(checkpoint_dir, device=dev, dtype=dtype)
+    vae = source.load_vae(device=dev, dtype=dtype, encoder=False)
     try:
         audio = decode_audio(vae, latents)
     finally:
@@ -480,7 +492,7 @@ def generate(checkpoint_dir: str, prompt: Prompt, *, config_path: str = DEFAULT_
         release_memory(dev)
     seconds["decode"] = time.time() - started
     return GenerateResult(audio[0], SAMPLE_RATE, latents[0].float().cpu(), prompt, settings, int(seed),
-                          config_path, dev.type, str(dtype).replace("torch.", ""),
+                          source.name, dev.type, str(dtype).replace("torch.", ""),
                           weights.describe() if weights is not None else "",
                           float(lora_scale) if weights is not None else 0.0, notes, seconds)
 
@@ -505,9 +517,17 @@ def add_sample_command(subparsers) -> argparse.ArgumentParser:
                     "base/sft: CFG with APG), optionally with a LoRA merged at a scale. Writes a 48 kHz stereo FLAC.",
         epilog=SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint-dir", required=True,
-                   help="folder holding acestep-v15-*/, vae/ and Qwen3-Embedding-0.6B/ (the official download)")
+                   help="folder holding acestep-v15-*/, vae/ and Qwen3-Embedding-0.6B/ (the official download), or "
+                        "ComfyUI's models folder, or the folder a relative .safetensors --config-path is in")
     p.add_argument("--config-path", default=DEFAULT_CONFIG_PATH,
-                   help=f"DiT folder under --checkpoint-dir (default {DEFAULT_CONFIG_PATH})")
+                   help=f"DiT folder under --checkpoint-dir (default {DEFAULT_CONFIG_PATH}), or a ComfyUI "
+                        "diffusion-model or all-in-one .safetensors file (as for train)")
+    p.add_argument("--vae", default="auto", help="VAE file for a .safetensors --config-path (default auto, as for "
+                                                 "prepare)")
+    p.add_argument("--text-encoder", default="auto",
+                   help="text encoder file for a .safetensors --config-path (default auto, as for prepare)")
+    p.add_argument("--variant", default="auto", choices=("auto", "turbo", "base", "sft"),
+                   help="turbo, base or sft, for a file whose name does not say it (default auto)")
     p.add_argument("--lora", default="",
                    help="PEFT adapter folder, ComfyUI .safetensors LoRA file, or a training run's final/ or "
                         "checkpoints/epoch_N/ folder")
@@ -561,7 +581,11 @@ def run_sample_command(args) -> int:
             last[0] = time.time()
             print(f"  step {step}/{total}", flush=True)
 
-    result = generate(args.checkpoint_dir, prompt, config_path=args.config_path, seed=seed, steps=args.steps,
+    from .source import from_config
+
+    source = from_config(argparse.Namespace(checkpoint_dir=args.checkpoint_dir, config_path=args.config_path,
+                                            vae=args.vae, text_encoder=args.text_encoder, variant=args.variant))
+    result = generate(source, prompt, seed=seed, steps=args.steps,
                       shift=args.shift, guidance_scale=args.guidance, lora=args.lora or None,
                       lora_scale=args.scale, device=args.device, progress=progress)
     save_flac(output, result.waveform, result.sample_rate)

@@ -169,15 +169,18 @@ class ModelSource:
         return native.load_dit_file(self.dit_file, self.given_variant, device=device, dtype=dtype,
                                     components=components)
 
-    def load_vae(self, device="cpu", dtype: torch.dtype = torch.float32, decoder: bool = True):
-        """``decoder=False``: the encoder alone (Prepare only encodes)."""
+    def load_vae(self, device="cpu", dtype: torch.dtype = torch.float32, decoder: bool = True,
+                 encoder: bool = True):
+        """``decoder=False``: the encoder alone (Prepare only encodes); ``encoder=False``: the decoder alone
+        (previews only decode)."""
         from .vae import load_vae
 
         self.require("vae")
         if self.kind == COMFY and self.vae_file:
-            return native.load_vae_file(self.vae_file, device=device, dtype=dtype, decoder=decoder)
+            return native.load_vae_file(self.vae_file, device=device, dtype=dtype, decoder=decoder,
+                                        encoder=encoder)
         root = self.checkpoint_dir if self.kind == OFFICIAL else self.official_dir
-        return load_vae(root, device=device, dtype=dtype, decoder=decoder)
+        return load_vae(root, device=device, dtype=dtype, decoder=decoder, encoder=encoder)
 
     def load_text_encoder(self, device="cpu", dtype: torch.dtype = torch.float32):
         from .text import load_text_encoder, load_tokenizer

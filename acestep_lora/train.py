@@ -7,7 +7,8 @@
 
 Parts: objective.py (the loss and its random draws), optim.py (AdamW, schedule), run_state.py (checkpoints, run
 signature, resume), metrics.py (loss read-back, logs, progress events), export.py (LoRA files, loras folder),
-distributed.py (several processes under torchrun: each step's micro-batches shared, gradients summed).
+distributed.py (several processes under torchrun: each step's micro-batches shared, gradients summed);
+validation.py (held-out loss, best/) and previews.py (audio while training) plug in through the Trainer's hooks.
 Unlike the official trainer, LoRA weights and AdamW state stay fp32 (compute: bf16 autocast on CUDA, fp16 on MPS,
 fp32 on CPU) and resume restores the LoRA weights and every RNG: a resumed run equals the uninterrupted one bit for
 bit on CPU. Cancel / Ctrl-C and running out of memory save a resumable checkpoint at a step boundary.
@@ -25,8 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distributed, export, lora
-from .compile import COMPILE_MODES, plan_step
+from . import distributed, export, lora, previews
+from .compile import plan_step
 from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory
 from .export import TrainResult
@@ -37,26 +38,11 @@ from .objective import TIMESTEP_SAMPLING, FlowMatching, resolve_sampling  # noqa
 from .optim import Optimizer
 from .run_state import (IDENTITY_KEYS, Position, Resumable, RunState, TrainingCancelled, TrainingStopped,
                         continue_on, latest_checkpoint, plan, restore_rng, rng_snapshot, run_signature, seed_draws)
-from .options import TrainConfig  # declared in the option table, with its node and CLI facts
+from .options import TrainConfig, check_config  # declared in the option table, with its node and CLI facts
 from .source import Folders, from_config
+from .validation import Validation
 
 log = logging.getLogger("acestep_lora.train")
-
-
-def check_config(c: TrainConfig) -> None:
-    """Refuse numbers training cannot use, naming the value."""
-    rules = {"lora_rank": (c.lora_rank >= 1, ">= 1"), "lora_alpha": (c.lora_alpha > 0, "> 0"),
-             "lora_dropout": (0 <= c.lora_dropout < 1, "in [0, 1)"), "learning_rate": (c.learning_rate > 0, "> 0"),
-             "train_epochs": (c.train_epochs >= 1, ">= 1"), "batch_size": (c.batch_size >= 1, ">= 1"),
-             "gradient_accumulation": (c.gradient_accumulation >= 1, ">= 1"),
-             "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
-             "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
-             "gradient_checkpointing": (c.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
-             "compile": (c.compile in COMPILE_MODES, "auto, on or off"),
-             "comfy_dtype": (c.comfy_dtype in ("bfloat16", "float16", "float32"), "bfloat16, float16 or float32")}
-    for name, (ok, rule) in rules.items():
-        if not ok:
-            raise ValueError(f"{name} must be {rule} (got {getattr(c, name)})")
 
 
 class Trainer:
@@ -75,17 +61,24 @@ class Trainer:
         self.source = from_config(cfg, folders, prepared=self.data.manifest.checkpoint)
         self.model_cfg = self.source.config
         self.data.check_for(self.source.name, self.model_cfg.condition_width, cfg.batch_size)
+        self.data, self.validation = Validation.split(cfg, self.data)  # held-out samples leave training
         self.sampling = resolve_sampling(cfg.timestep_sampling, self.model_cfg.variant)
         self.lora_name = export.lora_name_for(cfg.lora_name, cfg.output_dir)
         self.trigger_tag = cfg.trigger_tag or self.data.manifest.metadata.custom_tag
         compute = f"{self.device.type}/{str(self.dtype).replace('torch.', '')}"
         self.signature = run_signature(cfg, self.sampling, self.data.manifest.fingerprint(),
                                        self.source.dit_identity(), compute, self.dist.world)
+        self.signature.update(self.validation.signature())
         self.identity = {k: self.signature[k] for k in IDENTITY_KEYS}
         self.resume_dir, self.finished_dir = plan(cfg.output_dir, cfg.resume_from, self.signature)
         self.dist.same_everywhere({"settings": self.signature, "resume": self.resume_dir, "reuse": self.finished_dir})
         self.net = self.step_decoder = None
-        self.epoch_hooks: list = []  # hook(trainer, epoch) after each epoch is logged and saved (in every process)
+        # Plug-ins (validation.py, previews.py), in every process; what they record goes into the next checkpoint.
+        # start_hooks(trainer): before the first step; epoch_hooks(trainer, epoch): after the epoch is logged, before
+        # its checkpoint; checkpoint_hooks(trainer, folder): files into a checkpoint being built (process 0);
+        # finish_hooks(trainer) -> a line for the summary, "" for none (process 0).
+        self.start_hooks, self.epoch_hooks, self.checkpoint_hooks, self.finish_hooks = [], [], [], []
+        self.validation.attach(self)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self, model: Optional[torch.nn.Module] = None) -> None:
@@ -182,14 +175,16 @@ class Trainer:
             self.setup()
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.metrics.start(self._header())
+        for hook in self.start_hooks:
+            hook(self)
         for epoch in range(self.start.epoch, cfg.train_epochs + 1):
             self._train_epoch(epoch, self.start if epoch == self.start.epoch else Position(epoch))
-            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
-                self.metrics.flush()
-                self.save_checkpoint(epoch)
             for hook in self.epoch_hooks:
                 self.metrics.flush()
                 hook(self, epoch)
+            if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
+                self.metrics.flush()
+                self.save_checkpoint(epoch)
         self.metrics.flush()
         return self.dist.on_main(self._finish)
 
@@ -286,6 +281,8 @@ class Trainer:
             export.write_lora_files(tmp, self.lora_layers, self.targets, cfg.lora_rank, cfg.lora_alpha,
                                     cfg.lora_dropout, state.lora_file, metadata, cfg.comfy_dtype)
             state.save(tmp)
+            for hook in self.checkpoint_hooks:
+                hook(self, tmp)
         if published is not None:
             export.publish(os.path.join(directory, state.lora_file), published)
         return directory
@@ -299,7 +296,8 @@ class Trainer:
         adapter = os.path.join(final_dir, "adapter")
         summary = (f"done: {cfg.train_epochs} epochs, {self.global_step} steps in "
                    f"{format_seconds(time.time() - self.metrics.started)}; final loss {final_loss:.5f}\n"
-                   + export.files_text(adapter, comfy_path, self.epoch_loras, cfg.loras_dir))
+                   + export.files_text(adapter, comfy_path, self.epoch_loras, cfg.loras_dir)
+                   + "".join(f"\n{line}" for line in (hook(self) for hook in self.finish_hooks) if line))
         self.metrics.lines.append(summary)
         log.info(summary)
         return TrainResult(cfg.output_dir, adapter, comfy_path, cfg.train_epochs, self.global_step, final_loss,
@@ -338,6 +336,7 @@ def train_lora(cfg: TrainConfig, progress: Optional[Callable[[ProgressEvent], No
     both are switched back on for the whole run (including loading the data and the model)."""
     with torch.inference_mode(False), torch.enable_grad():
         trainer = Trainer(cfg, progress, cancel_requested, folders)
+        previews.attach(trainer)
         try:
             return trainer.train()
         finally:

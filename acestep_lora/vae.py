@@ -115,14 +115,14 @@ class Decoder(nn.Module):
 
 
 class Oobleck(nn.Module):
-    def __init__(self, cfg: dict, decoder: bool = True):
+    def __init__(self, cfg: dict, decoder: bool = True, encoder: bool = True):
         super().__init__()
         strides = list(cfg["downsampling_ratios"])
         multiples = list(cfg["channel_multiples"])
         hidden = int(cfg["encoder_hidden_size"])
+        # Prepare only encodes, previews only decode: the half not needed is neither built nor read from disk.
         self.encoder = Encoder(int(cfg.get("encoder_channels", hidden)), hidden, int(cfg["audio_channels"]),
-                               strides, multiples)
-        # Prepare only encodes: without the decoder (~half the VAE) it is neither built nor read from disk.
+                               strides, multiples) if encoder else None
         self.decoder = Decoder(int(cfg["decoder_channels"]), int(cfg["decoder_input_channels"]),
                                int(cfg["audio_channels"]), strides[::-1], multiples) if decoder else None
 
@@ -169,6 +169,8 @@ class AudioVAE:
     @torch.no_grad()
     def encode(self, audio: torch.Tensor) -> Posterior:
         """audio [B, 2, S] -> posterior over [B, 64, S // hop], in fp32."""
+        if self.model.encoder is None:
+            raise RuntimeError("this VAE was loaded without its encoder (load_vae(..., encoder=False))")
         moments = self.model.encoder(audio.to(device=self.device, dtype=self.dtype)).float()
         mean, scale = moments.chunk(2, dim=1)
         return Posterior(mean, F.softplus(scale) + 1e-4)
@@ -236,29 +238,35 @@ def fold_weight_norm(state: dict) -> dict:
 
 
 def load_vae(checkpoint_dir: str, device="cpu", dtype: torch.dtype = torch.float32,
-             decoder: bool = True) -> AudioVAE:
-    """Load ``<checkpoint_dir>/vae`` (official diffusers layout) strictly; ``decoder=False`` reads the encoder only."""
+             decoder: bool = True, encoder: bool = True) -> AudioVAE:
+    """Load ``<checkpoint_dir>/vae`` (official diffusers layout) strictly; ``decoder=False`` reads the encoder only,
+    ``encoder=False`` the decoder only."""
     from safetensors import safe_open
 
     directory = require_dir(os.path.join(checkpoint_dir, VAE_DIR), "VAE")
     with open(require_file(os.path.join(directory, "config.json"), "VAE config"), encoding="utf-8") as f:
         cfg = json.load(f)
     with safe_open(require_file(os.path.join(directory, WEIGHTS_FILE), "VAE weights"), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if decoder or not k.startswith("decoder.")}
+        state = {k: f.get_tensor(k) for k in f.keys() if wanted(k, decoder, encoder)}
     return build_vae(cfg, state, f"{directory}/{WEIGHTS_FILE}", "Re-download the vae folder.", device, dtype,
-                     decoder=decoder)
+                     decoder=decoder, encoder=encoder)
+
+
+def wanted(key: str, decoder: bool = True, encoder: bool = True) -> bool:
+    """Whether a VAE state key belongs to the halves asked for."""
+    return (decoder or not key.startswith("decoder.")) and (encoder or not key.startswith("encoder."))
 
 
 def build_vae(cfg: dict, state: dict, where: str, hint: str, device="cpu",
-              dtype: torch.dtype = torch.float32, decoder: bool = True) -> AudioVAE:
+              dtype: torch.dtype = torch.float32, decoder: bool = True, encoder: bool = True) -> AudioVAE:
     """An ``AudioVAE`` from a state dict in the diffusers layout (weight norm as ``weight_g``/``weight_v``),
-    checked strictly against ``cfg``; errors name ``where`` (the file) and the keys. ``decoder=False``: the
-    encoder alone (``state`` must then hold no decoder keys)."""
+    checked strictly against ``cfg``; errors name ``where`` (the file) and the keys. ``decoder=False`` /
+    ``encoder=False``: that half left out (``state`` must then hold none of its keys)."""
     from .checkpoint import check_state_keys
 
     state = fold_weight_norm(state)
     with torch.device("meta"):
-        model = Oobleck(cfg, decoder=decoder)
+        model = Oobleck(cfg, decoder=decoder, encoder=encoder)
     check_state_keys(where, {k: tuple(v.shape) for k, v in model.state_dict().items()},
                      {k: tuple(v.shape) for k, v in state.items()}, hint)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)

@@ -8,6 +8,7 @@
 #   train_step.txt       eager table: ms/step, audio-s/s vs the official trainer and the targets, peak vs official
 #   launches.txt         CUDA kernels per step counted by the profiler (checks bench/launch_count.py's model)
 #   compiled.txt         compiled and CUDA-graph rows at 1 x 1500 and 1 x 6000 (the launch-bound rows)
+#   preview_overhead.txt previews + validation loss as a share of training time, their memory (issue 12; CUDA only)
 #   targets.txt          the issue's GPU targets next to the measured figures
 #   RESULTS.md           bench/RESULTS.md with the tables appended
 # Without a GPU (to keep the script tested): the CUDA tests (they skip), the tiny-config table, the targets marked
@@ -61,6 +62,7 @@ if [ "$CUDA" = 1 ]; then
   run launches 120 "$PY" bench/launch_count.py --profile
   run compiled 200 "$PY" bench/train_step.py --steps "$STEPS" --warmup "$WARMUP" --mode compiled,graphs \
     --rows 1x1500,1x6000 --record
+  run preview_overhead 120 "$PY" bench/preview_overhead.py --record
 else
   run train_step 120 "$PY" bench/train_step.py --steps 1 --warmup 0 --mode eager --rows 1x375,1x1500
 fi

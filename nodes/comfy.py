@@ -30,6 +30,14 @@ def output_directory() -> str:
     return fp.get_output_directory() if fp is not None else os.getcwd()
 
 
+def temp_directory() -> str:
+    """ComfyUI's temp folder (emptied at start-up; /view serves it as type "temp"), else <output>/../temp."""
+    fp = _folder_paths()
+    if fp is not None and hasattr(fp, "get_temp_directory"):
+        return fp.get_temp_directory()
+    return os.path.join(os.path.dirname(output_directory()), "temp")
+
+
 def models_directory() -> str:
     fp = _folder_paths()
     return fp.models_dir if fp is not None else os.path.join(os.getcwd(), "models")

@@ -4,8 +4,10 @@ The websocket event ``acestep_lora.training`` only carries the points since the 
 page opened or reloaded mid-training asks for the whole curve here:
 
 * ``GET /acestep_lora/training`` -> ``{"runs": {"<node id>": summary}}``; always 200, ``{"runs": {}}`` when idle.
-* ``GET /acestep_lora/training/{node_id}[?since=<step>]`` -> ``summary + {"points": [[step, loss, lr], ...]}``
-  (only points after ``since`` when given); 404 ``{"error": ..., "node": ...}`` when that node never trained.
+* ``GET /acestep_lora/training/{node_id}[?since=<step>]`` -> ``summary + {"points": [[step, loss, lr], ...],
+  "validation": [[step, loss, epoch], ...], "previews": [preview sets]}`` (only those after ``since`` when given;
+  a preview set is ProgressEvent.previews' entry plus ``audio``, its clips in ComfyUI's temp folder, see
+  nodes/train.py); 404 ``{"error": ..., "node": ...}`` when that node never trained.
 
 summary = the fields of the websocket message (``acestep_lora.metrics.ProgressEvent``: step, total_steps, epoch,
 total_epochs, elapsed, eta, loss, lr) but ``points``, plus ``node``, ``output_dir``, ``started``, ``done`` and
@@ -30,7 +32,7 @@ from .train import RUNS
 BASE = "/acestep_lora/training"
 # The run's last event (loss and lr come from its last point), and when the run started / whether it ended.
 SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(ProgressEvent)
-                     if f.name not in ("points", "loss", "lr")) + ("started", "done")
+                     if f.name not in ("points", "validation", "previews", "loss", "lr")) + ("started", "done")
 
 log = logging.getLogger(__name__)
 _registered = False
@@ -65,14 +67,20 @@ def all_runs() -> dict:
 
 
 def history(node_id: str, since: Optional[float] = None) -> Optional[dict]:
-    """Summary plus the points (after step ``since`` when given); None when the node has no run."""
+    """Summary plus the points, validation losses and preview sets (after step ``since`` when given); None when
+    the node has no run."""
     run = RUNS.get(str(node_id))
     if run is None:
         return None
-    points = list(run.get("points") or [])  # a copy: the training thread keeps appending
+    # copies: the training thread keeps appending
+    points, validation, sets = (list(run.get(k) or []) for k in ("points", "validation", "previews"))
     if since is not None:
         points = [p for p in points if p[0] > since]
-    return dict(summary(node_id, run), points=[_point(p) for p in points], since=since)
+        # at the last point's step too: a validation loss or preview set comes just after the epoch's last point
+        validation = [v for v in validation if v[0] >= since]
+        sets = [s for s in sets if s["step"] >= since]
+    return dict(summary(node_id, run), points=[_point(p) for p in points], validation=[_point(v) for v in validation],
+                previews=sets, since=since)
 
 
 def _parse_since(text: Optional[str]) -> Optional[float]:

@@ -1,6 +1,7 @@
 """`make demo`: the four nodes end to end, called through their ComfyUI-facing methods.
 
-Create Training Sample x4 (chained) -> Collect Training Samples -> LoRA Prepare Training Data -> LoRA Train, on
+Create Training Sample x5 (chained) -> Collect Training Samples -> LoRA Prepare Training Data -> LoRA Train (with
+audio previews, and one of the five songs held out for the validation loss), on
 synthetic music and a tiny generated checkpoint, or on real weights when $ACESTEP_CHECKPOINT_DIR points to an
 official ACE-Step 1.5 download. ComfyUI itself is replaced by the small stand-ins in scripts/headless.py; output
 lands in demo_output/ (re-running reuses the samples and the cached tensors, and trains a new run).
@@ -24,6 +25,7 @@ CLIPS = [  # (caption, bpm given to the node (0 = detect), true bpm, style, key,
     ("gentle waltz, soft piano chords", 0, 96, "waltz", "F major", "[Instrumental]"),
     ("half-time hip hop beat, deep bass, sparse drums", 80, 80, "halftime", "C# minor",
      "[Verse]\nWalking through the city, lights are low,\nnowhere else to go"),
+    ("sparse ambient groove, soft kick, airy pads", 104, 104, "sparse", "D major", "[Instrumental]"),
 ]
 
 
@@ -83,17 +85,31 @@ def run():
     # 4. LoRA Train (a new run folder each time; resume_from='latest' would continue one instead).
     run_dir = f"demo/runs/demo_{time.strftime('%Y%m%d_%H%M%S')}"
     trained = nodes["ACEStepLoRA_Train"]().train(
-        tensor_dir, ckpt, "acestep-v15-turbo", run_dir, lora_rank=8 if not real else 64,
+        tensor_dir=tensor_dir, checkpoint_dir=ckpt, config_path="acestep-v15-turbo", output_dir=run_dir,
+        lora_rank=8 if not real else 64,
         lora_alpha=16 if not real else 128, lora_dropout=0.0, learning_rate=1e-3 if not real else 3e-4,
         train_epochs=epochs, batch_size=2, gradient_accumulation=1, save_every_n_epochs=max(1, epochs // 2),
-        seed=42, resume_from="", target_modules="q_proj,k_proj,v_proj,o_proj")
-    lora_info, _ = trained["result"]
+        seed=42, resume_from="", target_modules="q_proj,k_proj,v_proj,o_proj",
+        # previews with each checkpoint and at the end (shorter clips on the CPU), the validation loss every 5 epochs
+        preview_seconds=20.0 if real else 10.0, validation_every_n_epochs=5)
+    lora_info, _, previews = trained["result"]
     # Train printed its summary (where each file is) once; say what each file is for, without repeating it.
     print(f"4. trained {lora_info['epochs']} epochs, {lora_info['steps']} steps; final loss "
           f"{lora_info['final_loss']:.4f}")
     print("\nThe PEFT adapter is for kaola's ACE-Step nodes (lora_info) and the official app; the ComfyUI LoRA loads "
           "in LoraLoaderModelOnly at strength 1.0 (alpha baked in), as do the per-epoch files beside it; checkpoints "
           f"and train_log.jsonl are in {lora_info['output_dir']}.")
+    # 5. The previews: what to listen to (Train's summary named the folder; here is each set, LoRA off first).
+    run = lora_info["output_dir"]
+    print(f"5. previews ({previews['waveform'].shape[0]} clips per set, {previews['waveform'].shape[-1] / 48000:g} s "
+          f"each, 48 kHz FLAC) in {os.path.join(run, 'previews')}:")
+    for entry in trained["ui"]["acestep_lora_previews"]:
+        what = "the model without the LoRA (A/B reference)" if entry["base"] else f"the LoRA after epoch {entry['epoch']}"
+        print(f"   {what}: " + ", ".join(os.path.join(run, f) for f in entry["files"]))
+    best = lora_info.get("best")
+    if best:
+        print(f"   lowest validation loss {best['validation_loss']:.4f} at epoch {best['epoch']}: {best['path']} "
+              "(best/; hear it with: python -m acestep_lora sample --lora " + os.path.dirname(best["path"]) + " ...)")
     print(f"demo finished in {time.time() - started:.0f} s; {len(state.server.messages)} live chart messages sent")
 
 

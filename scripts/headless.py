@@ -70,6 +70,7 @@ def install(base_dir: str) -> types.SimpleNamespace:
         fp.folder_names_and_paths[kind] = ([os.path.join(models, f) for f in folders], {".safetensors", ".sft"})
     fp.get_output_directory = lambda: output
     fp.get_input_directory = lambda: os.path.join(base_dir, "input")
+    fp.get_temp_directory = lambda: os.path.join(base_dir, "temp")
     fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths.get(name, ([],))[0])
 
     state = types.SimpleNamespace(interrupted=False, unloaded=0)
@@ -102,7 +103,7 @@ def install(base_dir: str) -> types.SimpleNamespace:
     sys.modules.update({"folder_paths": fp, "comfy": comfy, "comfy.utils": utils, "comfy.model_management": mm,
                         "server": server})
     ProgressBar.instances.clear()
-    state.output, state.models, state.server = output, models, server.PromptServer.instance
+    state.output, state.models, state.server, state.base = output, models, server.PromptServer.instance, base_dir
     return state
 
 

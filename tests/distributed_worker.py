@@ -4,9 +4,11 @@ command line (``acestep_lora.__main__.main``), in one process group (started onc
     torchrun --nproc_per_node=2 tests/distributed_worker.py <spec.json>
 
 spec: {"out": folder, "runs": [{"name": ..., "argv": [...], "fault": {"rank": r, "step": s, "signal": "SIGINT"}}]}.
-A fault makes process r send itself the signal just before optimizer step s: SIGINT is Ctrl-C, SIGKILL a crash.
-Each process writes ``<out>/<name>.rank<r>.json`` (exit status, seconds, pid) and, when its run ends alive,
-``<out>/<name>.rank<r>.safetensors`` (its own LoRA weights, to show the processes stay identical).
+A fault makes process r send itself the signal just before optimizer step s: SIGINT is Ctrl-C, SIGKILL a crash;
+``{"rank": r, "raise": "validation"}`` makes the validation loss fail in process r alone.
+Each process writes ``<out>/<name>.rank<r>.json`` (exit status, seconds, pid, the metrics log's notes: validation
+losses, preview sets) and, when its run ends alive, ``<out>/<name>.rank<r>.safetensors`` (its own LoRA weights, to
+show the processes stay identical).
 """
 import json
 import os
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from acestep_lora import distributed, lora  # noqa: E402
+from acestep_lora import distributed, lora, validation  # noqa: E402
 from acestep_lora.__main__ import main  # noqa: E402
 from acestep_lora.train import Trainer  # noqa: E402
 
@@ -31,25 +33,32 @@ def run(spec: dict) -> None:
     # the last run this process still writes its report
     signal.signal(signal.SIGTERM, lambda *_: None)
     distributed.shutdown = lambda: None  # one process group for all the runs
-    name, fault = None, None
-    optimizer_step, cleanup = Trainer._optimizer_step, Trainer.cleanup
+    name, fault, notes = None, None, []
+    optimizer_step, cleanup, measure = Trainer._optimizer_step, Trainer.cleanup, validation.Validation._measure
 
     def faulty_step(self, step_loss):
-        if fault and fault["rank"] == rank and self.global_step + 1 == fault["step"]:
+        if fault and fault["rank"] == rank and self.global_step + 1 == fault.get("step"):
             os.kill(os.getpid(), getattr(signal, fault["signal"]))
         return optimizer_step(self, step_loss)
 
+    def faulty_measure(self, trainer, epoch):
+        if fault and fault.get("raise") == "validation" and fault["rank"] == rank:
+            raise ValueError(f"injected failure in process {rank}")
+        return measure(self, trainer, epoch)
+
     def saving_cleanup(self):
+        notes[:] = self.metrics.notes if hasattr(self, "metrics") else []
         save_file(lora.peft_state_dict(self.lora_layers), os.path.join(out, f"{name}.rank{rank}.safetensors"))
         return cleanup(self)
 
     Trainer._optimizer_step, Trainer.cleanup = faulty_step, saving_cleanup
+    validation.Validation._measure = faulty_measure
     for item in spec["runs"]:
-        name, fault = item["name"], item.get("fault")
+        name, fault, notes[:] = item["name"], item.get("fault"), []
         began = time.time()
         code = main(item["argv"])
         with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:
-            json.dump({"code": code, "seconds": time.time() - began, "pid": os.getpid()}, f)
+            json.dump({"code": code, "seconds": time.time() - began, "pid": os.getpid(), "notes": notes}, f)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The benchmark scripts keep working (their GPU paths are exercised here at tiny sizes on the CPU)."""
+import math
 import os
 import sys
 
@@ -85,3 +86,21 @@ def test_prepare_bench_model_path_on_tiny_sizes():
     rows = prepare_speed.bench_models([2.0], 1, device="cpu", dtype=torch.float32, vae_cfg=vae, text_cfg=text,
                                       dit_cfg=tiny_dit_config())
     assert rows[0][0] == 2.0 and rows[0][2] > 0
+
+
+def test_preview_overhead_units_and_the_default_run(tiny_ckpt, tmp_path):
+    """bench/preview_overhead.py on the tiny checkpoint with 1 s clips (its CUDA-only part: the random
+    conditioning that replaces the text encoder, rendered here on the CPU)."""
+    import preview_overhead
+
+    u = preview_overhead.units(str(tmp_path), tiny_ckpt, 50, cuda=False, preview_seconds=1.0)
+    assert all(u[k] > 0 for k in ("step", "val", "preview", "start"))
+    run = preview_overhead.default_run(u, 30)
+    assert run["held"] == 3 and run["total_pct"] > 0
+    assert math.isclose(run["total_pct"], run["preview_pct"] + run["validation_pct"], rel_tol=1e-9)
+    trainer = preview_overhead.make(str(tmp_path), tiny_ckpt, 50, False, preview_seconds=1.0)
+    previews = preview_overhead.previews_mod.Previews(trainer.cfg, trainer)
+    previews.conditioning = preview_overhead.random_conditioning(trainer, 2)
+    files = previews.render(trainer, "epoch_1", 1, 0)
+    assert len(files) == 2 and all(os.path.isfile(os.path.join(trainer.cfg.output_dir, f)) for f in files)
+    trainer.cleanup()

@@ -1,7 +1,9 @@
 """Data-parallel training (acestep_lora/distributed.py): two processes on the CPU (gloo) under torchrun train what one
 process trains on the same global batches; a run cancelled in one process and resumed equals the uninterrupted one;
 a killed process leaves a resumable checkpoint and no process behind; another number of processes continues a
-checkpoint. One torchrun launch runs all the two-process commands (tests/distributed_worker.py)."""
+checkpoint; previews and the validation loss are made and written by process 0 and recorded alike everywhere, and
+their failure in process 0 stops both. One torchrun launch runs all the two-process commands
+(tests/distributed_worker.py)."""
 import json
 import os
 import signal
@@ -14,14 +16,18 @@ from safetensors.torch import load_file
 
 from acestep_lora import distributed
 from acestep_lora.data import collate
+from acestep_lora.prepare import PrepareSettings, prepare_dataset
 from acestep_lora.train import Trainer, train_lora
 
+from test_prepare import item
 from test_train import config, losses, tensors  # noqa: F401  (tensors: the fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 3 samples, batch_size 1, 2 processes: 2 optimizer steps per epoch, the second with a part for process 0 only
 SETTINGS = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.1, learning_rate=2e-3, train_epochs=4,
-                save_every_n_epochs=2, warmup_steps=2, device="cpu", batch_size=1)
+                save_every_n_epochs=2, warmup_steps=2, device="cpu", batch_size=1, preview_every_n_epochs=0)
+# six samples: one held out for the validation loss; previews of 1 s with the LoRA off and at epochs 2 and 4
+HEAR = dict(preview_every_n_epochs=2, preview_seconds=1.0, validation_every_n_epochs=1)
 
 
 def argv(tiny_ckpt, tensor_dir, out, **extra):
@@ -57,14 +63,26 @@ def torchrun(root, runs, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def launch(tiny_ckpt, tensors, tmp_path_factory):  # noqa: F811
-    """One torchrun launch: a full run, a run Ctrl-C'd in process 1 and resumed, a run whose process 1 is killed
-    (SIGKILL). Returns the folder, torchrun's exit status and output."""
+def six(tiny_ckpt, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("six"))
+    prepare_dataset([item(n, 1.0 + 0.1 * i) for i, n in enumerate("abcdef")], out,
+                    PrepareSettings(tiny_ckpt, device="cpu", custom_tag="mytag"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def launch(tiny_ckpt, tensors, six, tmp_path_factory):  # noqa: F811
+    """One torchrun launch: a full run, a run Ctrl-C'd in process 1 and resumed, a run with previews and the
+    validation loss, one whose validation loss fails in process 0 alone, a run whose process 1 is killed (SIGKILL).
+    Returns the folder, torchrun's exit status and output."""
     root = tmp_path_factory.mktemp("ddp")
     runs = [{"name": "full", "argv": argv(tiny_ckpt, tensors, root / "full")},
             {"name": "cancel", "argv": argv(tiny_ckpt, tensors, root / "cancel"),
              "fault": {"rank": 1, "step": 3, "signal": "SIGINT"}},
             {"name": "resume", "argv": argv(tiny_ckpt, tensors, root / "cancel", resume_from="latest")},
+            {"name": "hear", "argv": argv(tiny_ckpt, six, root / "hear", **HEAR)},
+            {"name": "fail", "argv": argv(tiny_ckpt, six, root / "fail", **dict(HEAR, train_epochs=1)),
+             "fault": {"rank": 0, "raise": "validation"}},
             {"name": "kill", "argv": argv(tiny_ckpt, tensors, root / "kill"),
              "fault": {"rank": 1, "step": 5, "signal": "SIGKILL"}}]
     return (root, *torchrun(root, runs))
@@ -92,7 +110,7 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batches(
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     # process 0 alone logs and writes: one header per run (4 runs), one summary per finished run (full, resume),
     # one line per epoch in train_log.jsonl
-    assert output.count("2 samples per step from 2 processes") == 4 and output.count("done: 4 epochs, 8 steps") == 2
+    assert output.count("2 samples per step from 2 processes") == 6 and output.count("done: 4 epochs, 8 steps") == 2
     assert [json.loads(x)["epoch"] for x in open(root / "full" / "train_log.jsonl")] == [1, 2, 3, 4]
     info = json.load(open(root / "full" / "final" / "checkpoint.json"))
     assert info["signature"]["world_size"] == 2 and info["global_step"] == 8
@@ -135,6 +153,40 @@ def test_a_killed_process_leaves_a_resumable_checkpoint_and_no_process_behind(la
                                 **dict(SETTINGS, gradient_accumulation=2, resume_from="latest")))
     assert "processes 2 -> 1 (global batch 2 -> 2 samples)" in resumed.log and resumed.steps == 8
     assert relative_difference(adapter(os.path.dirname(resumed.adapter_dir)), adapter(root / "full" / "final")) <= 1e-6
+
+
+def test_previews_and_validation_by_process_0_recorded_alike_everywhere(launch, tiny_ckpt, six, tmp_path):
+    root, _, output = launch
+    reports = [report(root, "hear", r) for r in (0, 1)]
+    assert reports[0]["code"] == reports[1]["code"] == 0, output[-3000:]
+    # what goes into checkpoints is the same in both processes: the validation losses, the preview sets
+    assert reports[0]["notes"] == reports[1]["notes"]
+    assert [n["epoch"] for n in reports[0]["notes"] if "validation_loss" in n] == [0, 1, 2, 3, 4]
+    assert [n["epoch"] for n in reports[0]["notes"] if "previews" in n] == [0, 2, 4]
+    # written once, by process 0
+    log = [json.loads(x) for x in open(root / "hear" / "train_log.jsonl")]
+    assert [e["epoch"] for e in log if "validation_loss" in e] == [0, 1, 2, 3, 4]
+    assert [e["epoch"] for e in log if "previews" in e] == [0, 2, 4]
+    for folder in ("base", "epoch_2", "epoch_4"):
+        assert sorted(os.listdir(root / "hear" / "previews" / folder)) == ["preview_1.flac", "preview_2.flac"]
+    ranks = [load_file(root / f"hear.rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    # the values one process measures on the same global batches; best/ holds the lowest epoch
+    train_lora(config(tiny_ckpt, six, tmp_path / "one", **dict(SETTINGS, gradient_accumulation=2,
+                                                               validation_every_n_epochs=1)))
+    mine = [(e["epoch"], e["validation_loss"]) for e in log if "validation_loss" in e]
+    theirs = [(e["epoch"], e["validation_loss"]) for e in map(json.loads, open(tmp_path / "one" / "train_log.jsonl"))
+              if "validation_loss" in e]
+    assert [e for e, _ in mine] == [e for e, _ in theirs]
+    assert [v for _, v in mine] == pytest.approx([v for _, v in theirs], rel=1e-5)
+    best = json.load(open(root / "hear" / "best" / "best.json"))
+    assert best["epoch"] == min((v, e) for e, v in mine if e >= 1)[1]
+
+
+def test_a_failure_in_process_0_alone_stops_both(launch):
+    root, _, output = launch
+    assert report(root, "fail", 0)["code"] == report(root, "fail", 1)["code"] == 1, output[-3000:]
+    assert output.count("error: injected failure in process 0") == 2  # said by both processes
 
 
 def test_a_step_draws_the_same_whatever_ran_before(tiny_ckpt, tensors, tmp_path):  # noqa: F811

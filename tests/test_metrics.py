@@ -69,9 +69,36 @@ def test_a_resumed_run_sends_its_history_first_and_notes_stay_in_order(tmp_path)
 
 def test_event_message_is_json_safe():
     event = ProgressEvent(step=1, total_steps=2, epoch=1, total_epochs=1, elapsed=0.5, eta=float("nan"),
-                          loss=float("inf"), lr=1e-4, points=[[1, float("nan"), 1e-4]])
+                          loss=float("inf"), lr=1e-4, points=[[1, float("nan"), 1e-4]],
+                          validation=[[1, float("nan"), 1]])
     message = event.message(node="7")
     assert message == {"node": "7", "step": 1, "total_steps": 2, "epoch": 1, "total_epochs": 1, "elapsed": 0.5,
-                       "eta": None, "loss": None, "lr": 1e-4, "points": [[1, None, 1e-4]]}
+                       "eta": None, "loss": None, "lr": 1e-4, "points": [[1, None, 1e-4]],
+                       "validation": [[1, None, 1]], "previews": []}
     json.dumps(message, allow_nan=False)
     assert format_seconds(3725) == "1h02m" and format_seconds(65) == "1m05s" and format_seconds(math.nan) == "?"
+
+
+def test_recorded_lines_are_written_announced_and_written_again_on_resume(tmp_path):
+    """Validation losses and preview sets are lines of their own in train_log.jsonl (readers skip lines without
+    "loss"), announced in a progress event at once, and kept with the notes so a resumed run keeps them."""
+    events = []
+    log = metrics_log(tmp_path, events, read_every_step=True)
+    log.record({"epoch": 0, "step": 0, "validation_loss": 0.9}, "validation 0.9", validation=[[0, 0.9, 0]])
+    log.add_step(1, torch.tensor(0.5), 1e-4)
+    log.add_epoch(1, torch.tensor(0.5), 1, 1e-4, 0.1)
+    log.epoch = 1
+    log.record({"previews": ["previews/epoch_1/preview_1.flac"]}, "previews of epoch 1", quiet=True,
+               previews=[{"epoch": 1, "files": ["previews/epoch_1/preview_1.flac"]}])
+    assert [(e.validation, e.previews) for e in events if e.validation or e.previews] == [
+        ([[0, 0.9, 0]], []), ([], [{"epoch": 1, "files": ["previews/epoch_1/preview_1.flac"]}])]
+    written = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert written == [{"epoch": 0, "step": 0, "validation_loss": 0.9},
+                       {"epoch": 1, "step": 1, "loss": 0.5, "lr": 1e-4, "seconds": 0.1, "eta_seconds": written[1][
+                           "eta_seconds"]},
+                       {"epoch": 1, "step": 1, "previews": ["previews/epoch_1/preview_1.flac"]}]
+    assert log.lines[1] == "validation 0.9" and log.lines[-1] == "previews of epoch 1"
+    again = MetricsLog(str(tmp_path), 4, 10, False)
+    again.restore(log.history, log.epoch_log, log.notes, step=1)
+    again.start("resumed")
+    assert [json.loads(line) for line in open(tmp_path / "train_log.jsonl")] == written

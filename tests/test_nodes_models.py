@@ -100,7 +100,8 @@ def train_inputs(comfy, tensor_dir, model, run, **kw):
     return dict(tensor_dir=tensor_dir, checkpoint_dir=os.path.join(comfy.models, "Ace-Step1.5"), config_path=model,
                 output_dir=run, lora_rank=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, train_epochs=2,
                 batch_size=1, gradient_accumulation=1, save_every_n_epochs=0, seed=1, resume_from="",
-                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", warmup_steps=0, unique_id="9", **kw)
+                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", warmup_steps=0, unique_id="9",
+                preview_seconds=1.0, preview_count=1, **kw)
 
 
 def decoder_inputs(cfg, frames=13, tokens=7, seed=0):
@@ -131,8 +132,11 @@ def test_four_nodes_on_comfyui_files_alone(comfy, comfy_models, model, family, c
     manifest = json.load(open(os.path.join(tensor_dir, "manifest.json")))
     assert manifest["checkpoint"]["dit"] == file_identity(dit_file) and manifest["checkpoint"]["source"] == "comfy"
     # Train: the LoRA, with the metadata a LoRA from the official folder carries
-    lora_info, log = trained["result"]
+    lora_info, log, previews = trained["result"]
     assert f"model: ACE-Step 1.5 {family} turbo" in log and dit_file in log
+    # previews from the same files (VAE and text encoder found beside them): the LoRA off, then after epoch 2
+    assert previews["sample_rate"] == 48000 and previews["waveform"].shape == (1, 2, 48000)
+    assert [(e["epoch"], e["base"]) for e in trained["ui"]["acestep_lora_previews"]] == [(0, True), (2, False)]
     assert lora_info["config_path"] == model and lora_info["steps"] == 4
     _, meta = read_comfy_lora(lora_info["comfy_lora_path"])
     assert meta["acestep_lora.base_config"] == os.path.basename(model)
@@ -180,6 +184,6 @@ def test_variant_a_file_name_does_not_say_is_chosen_once_in_prepare(comfy, comfy
         four_nodes(comfy, "diffusion_models/my_finetune.safetensors")
     prepared, trained = four_nodes(comfy, "diffusion_models/my_finetune.safetensors", variant="base")
     assert "variant 'base' from the variant input" in prepared["result"][1]
-    lora_info, log = trained["result"]
+    lora_info, log, _ = trained["result"]
     assert "variant 'base' from Prepare's variant input (the same file)" in log
     assert "logit_normal timesteps" in log  # base trains as base

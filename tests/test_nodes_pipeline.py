@@ -57,8 +57,8 @@ def test_node_definitions(comfy):
     assert tin["required"]["lora_rank"][1]["min"] == 4 and tin["required"]["lora_rank"][1]["max"] == 256
     assert tin["required"]["lora_rank"][1]["default"] == 64 and tin["required"]["lora_alpha"][1]["default"] == 128
     assert tin["required"]["learning_rate"][1]["default"] == 3e-4
-    assert train.RETURN_TYPES == ("ACE_STEP_LORA_INFO", "STRING")
-    assert train.RETURN_NAMES == ("lora_info", "training_log")
+    assert train.RETURN_TYPES == ("ACE_STEP_LORA_INFO", "STRING", "AUDIO")
+    assert train.RETURN_NAMES == ("lora_info", "training_log", "previews")
     for cls in mappings.values():
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
@@ -139,7 +139,7 @@ def train_args(tensor_dir, ckpt, **kw):
     args = dict(tensor_dir=tensor_dir, checkpoint_dir=ckpt, config_path="acestep-v15-turbo", output_dir="runs/mylora",
                 lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-3, train_epochs=3, batch_size=1,
                 gradient_accumulation=1, save_every_n_epochs=2, seed=1, resume_from="",
-                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", unique_id="7")
+                target_modules="q_proj,k_proj,v_proj,o_proj", device="cpu", unique_id="7", preview_every_n_epochs=0)
     args.update(kw)
     return args
 
@@ -159,7 +159,7 @@ def test_train_node_end_to_end(comfy, tiny_ckpt, prepared, capsys):
     console = capsys.readouterr().out  # ComfyUI's console: the trainer's lines, once, prefixed once
     assert console.count("[ACE-Step LoRA] training on 2 samples: 3 epochs") == 1
     assert console.count("[ACE-Step LoRA] done: 3 epochs, 6 steps") == 1
-    lora_info, log = out["result"]
+    lora_info, log, _ = out["result"]
     assert lora_info["scale"] == 1.0 and os.path.isfile(os.path.join(lora_info["path"], "adapter_config.json"))
     assert lora_info["path"] == os.path.join(comfy.output, "runs", "mylora", "final", "adapter")
     assert lora_info["comfy_lora_path"] == os.path.join(comfy.models, "loras", "mylora.safetensors")
@@ -181,6 +181,43 @@ def test_train_node_end_to_end(comfy, tiny_ckpt, prepared, capsys):
     from acestep_lora.lora_io import read_comfy_lora
     _, meta = read_comfy_lora(lora_info["comfy_lora_path"])
     assert meta["acestep_lora.trigger_tag"] == "mytag"
+
+
+def test_train_node_plays_previews_and_returns_them_as_audio(comfy, tiny_ckpt, tmp_path):
+    """Previews and validation through the node: while it trains, the websocket messages name the clips in
+    ComfyUI's temp folder; its result lists them as ui.audio and returns the last epoch's as AUDIO."""
+    files = [write_wav(str(tmp_path / f"{i}.wav"), seconds=1.0 + 0.1 * i) for i in range(5)]
+    tensors = call_prepare(comfy, tiny_ckpt, audio_files=",".join(files), captions="a,b,c,d,e")["result"][0]
+    module = node_module(comfy, "train")
+    with torch.inference_mode():
+        out = module.TrainLoRA().train(**train_args(tensors, tiny_ckpt, train_epochs=2, save_every_n_epochs=1,
+                                                    preview_every_n_epochs=-1, preview_seconds=1.0,
+                                                    validation_every_n_epochs=1, unique_id="9"))
+    lora_info, log, audio = out["result"]
+    assert audio["sample_rate"] == 48000 and tuple(audio["waveform"].shape) == (2, 2, 48000)
+    assert audio["waveform"].dtype == torch.float32 and 0 < audio["waveform"].abs().max() <= 1
+    ui = out["ui"]
+    temp = os.path.join(comfy.base, "temp")
+    assert [a["filename"] for a in ui["audio"]] == ["epoch_2_1.flac", "epoch_2_2.flac", "base_1.flac", "base_2.flac"]
+    for a in ui["audio"]:  # what /view?filename=...&subfolder=...&type=temp serves
+        assert a["type"] == "temp" and a["subfolder"] == "acestep_lora/9"
+        data, rate = sf.read(os.path.join(temp, *a["subfolder"].split("/"), a["filename"]))
+        assert rate == 48000 and data.shape == (48000, 2)
+    assert torch.equal(audio["waveform"][0], torch.from_numpy(sf.read(
+        os.path.join(temp, "acestep_lora", "9", "epoch_2_1.flac"), dtype="float32")[0].T.copy()))
+    assert [(s["epoch"], s["base"]) for s in ui["acestep_lora_previews"]] == [(0, True), (1, False), (2, False)]
+    assert lora_info["best"]["epoch"] in (1, 2) and os.path.isdir(lora_info["best"]["path"])
+    assert "previews: " in ui["text"][0] and "best epoch" in ui["text"][0]
+    sent = [m[1] for m in comfy.server.messages if m[0] == "acestep_lora.training" and m[1]["node"] == "9"]
+    shown = [p for m in sent for p in m["previews"]]
+    assert [p["epoch"] for p in shown] == [0, 1, 2] and all(len(p["audio"]) == 2 for p in shown)
+    assert [v[2] for m in sent for v in m["validation"]] == [0, 1, 2]
+    assert module.RUNS["9"]["validation"] and len(module.RUNS["9"]["previews"]) == 3
+    # previews off: nothing rendered, 1 s of silence as AUDIO
+    with torch.inference_mode():
+        out = module.TrainLoRA().train(**train_args(tensors, tiny_ckpt, train_epochs=1, output_dir="runs/quiet",
+                                                    validation_split=0.0))
+    assert out["ui"]["audio"] == [] and not out["result"][2]["waveform"].abs().any()
 
 
 def test_train_node_cancel_then_resume_latest(comfy, tiny_ckpt, prepared):

@@ -30,7 +30,10 @@ SAVED_ORDER = {
                           "lora_dropout", "learning_rate", "train_epochs", "batch_size", "gradient_accumulation",
                           "save_every_n_epochs", "seed", "resume_from", "target_modules", "timestep_sampling",
                           "cfg_dropout", "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag",
-                          "device", "variant", "compile"],  # appended: variant (ComfyUI's model files), compile (speed)
+                          "device", "variant", "compile",  # appended: variant (ComfyUI's model files), compile
+                          # (speed), then previews and the validation loss
+                          "preview_every_n_epochs", "preview_count", "preview_seconds", "preview_captions",
+                          "preview_lyrics", "preview_seed", "validation_split", "validation_every_n_epochs"],
 }
 FOLDERS = {"prepare": ["--samples-dir", "s", "--output-dir", "t", "--checkpoint-dir", "c"],
            "train": ["--tensor-dir", "t", "--checkpoint-dir", "c", "--output-dir", "o"]}
@@ -195,20 +198,21 @@ def test_a_new_option_is_one_field():
     """The promise to later issues: one field with option metadata is a node widget (appended to its section),
     a command-line flag with help and default, and a config value."""
     @dataclasses.dataclass
-    class WithCompile(TrainConfig):
-        compile: bool = dataclasses.field(default=False, metadata=options.option(
-            "Compile the decoder with torch.compile.", advanced=True, node=options.OPTIONAL))
+    class WithNewKnob(TrainConfig):
+        new_knob: bool = dataclasses.field(default=False, metadata=options.option(
+            "A new knob.", advanced=True, node=options.OPTIONAL))
 
-    group = options.table(WithCompile)
+    group = options.table(WithNewKnob)
     widgets = options.node_inputs(group, defaults={"checkpoint_dir": "c"})
-    assert list(widgets["optional"])[-3:] == ["device", "variant", "compile"]
-    assert widgets["optional"]["compile"] == ("BOOLEAN", {"default": False, "advanced": True,
-                                                          "tooltip": "Compile the decoder with torch.compile."})
+    assert list(widgets["optional"]) == [o.name for o in options.node_order(TRAIN) if o.node == options.OPTIONAL] + [
+        "new_knob"]
+    assert widgets["optional"]["new_knob"] == ("BOOLEAN", {"default": False, "advanced": True,
+                                                           "tooltip": "A new knob."})
     parser = argparse.ArgumentParser()
     options.add_cli_options(parser, group)
-    args = parser.parse_args(["--tensor-dir", "t", "--checkpoint-dir", "c", "--output-dir", "o", "--compile"])
-    assert config_from_inputs(WithCompile, vars(args)).compile is True
-    assert "Compile the decoder with torch.compile. (default: off)" in " ".join(parser.format_help().split())
+    args = parser.parse_args(["--tensor-dir", "t", "--checkpoint-dir", "c", "--output-dir", "o", "--new-knob"])
+    assert config_from_inputs(WithNewKnob, vars(args)).new_knob is True
+    assert "A new knob. (default: off)" in " ".join(parser.format_help().split())
 
 
 def test_node_inputs_want_what_only_the_node_knows():
@@ -225,7 +229,7 @@ def test_advanced_options():
     assert [o.name for o in options.node_order(TRAIN) if o.advanced] == [
         "checkpoint_dir", "lora_dropout", "target_modules", "timestep_sampling", "cfg_dropout",
         "gradient_checkpointing", "warmup_steps", "max_grad_norm", "trigger_tag", "device", "variant",
-        "compile"]
+        "compile", "preview_count", "preview_seconds", "preview_seed", "validation_every_n_epochs"]
     assert [o.name for o in options.node_order(PREPARE) if o.advanced] == [
         "checkpoint_dir", "device", "long_audio", "detect_bpm", "vae", "text_encoder", "variant"]
 

@@ -129,22 +129,35 @@ def test_history_matches_what_the_websocket_sent(comfy, tiny_ckpt, tmp_path, rou
 
 
 
-def test_the_js_fixture_is_made_from_the_event_definition(comfy, routes):
+def test_the_js_fixture_is_made_from_the_event_definition(comfy, routes, monkeypatch):
     """The websocket message and both route answers for ProgressEvent.example(), produced by the node's
     LiveProgress and nodes/routes.py, are what tests/js/fixtures/training_messages.json holds; the JS tests feed
     that file to the chart, so a renamed or dropped event field fails there too."""
     module, table = routes
-    live = node_module(comfy, "train").LiveProgress("7", "acestep_lora/runs/my_lora")
-    live.update(ProgressEvent.example())
+    event = ProgressEvent.example()
+    run_dir = os.path.join(comfy.output, "acestep_lora", "runs", "my_lora")
+    for entry in event.previews:  # the clips the event names (contents do not matter here)
+        for file in entry["files"]:
+            os.makedirs(os.path.dirname(os.path.join(run_dir, file)), exist_ok=True)
+            open(os.path.join(run_dir, file), "wb").write(b"fLaC")
+    train = node_module(comfy, "train")
+    monkeypatch.setattr(train.time, "time", lambda: 1700000000.25)  # the run's start, fixed: the file is stable
+    live = train.LiveProgress("7", "acestep_lora/runs/my_lora", run_dir)
+    live.update(event)
     live.close()
-    module.RUNS["7"].update(started=1700000000.25, done=False)  # fixed, so the file does not change per run
+    module.RUNS["7"].update(done=False)
     sent = [m[1] for m in comfy.server.messages if m[0] == "acestep_lora.training"][-1]
     made = {"comment": "Written by tests/test_routes.py from acestep_lora.metrics.ProgressEvent.example(); "
                        "ACESTEP_WRITE_FIXTURES=1 python -m pytest tests/test_routes.py -k js_fixture rewrites it.",
             "event": sent, "runs": call(table.handlers["/acestep_lora/training"]).data,
             "history": call(table.handlers["/acestep_lora/training/{node_id}"], "7").data}
     made = json.loads(json.dumps(made, allow_nan=False))
-    assert set(made["event"]) == {f for f in vars(ProgressEvent.example())} | {"node", "output_dir"}
+    assert set(made["event"]) == {f for f in vars(ProgressEvent.example())} | {"node", "output_dir", "started"}
+    # the clips the event names are playable from ComfyUI's temp folder (/view?type=temp)
+    audio = made["event"]["previews"][1]["audio"]
+    assert audio == [{"filename": f"epoch_2_{i}.flac", "subfolder": "acestep_lora/7", "type": "temp"} for i in (1, 2)]
+    assert all(os.path.isfile(os.path.join(comfy.base, "temp", "acestep_lora", "7", a["filename"])) for a in audio)
+    assert made["history"]["previews"] == made["event"]["previews"] and made["history"]["validation"]
     if os.environ.get("ACESTEP_WRITE_FIXTURES") == "1":
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
         with open(FIXTURE, "w", encoding="utf-8") as f:

@@ -31,7 +31,7 @@ def tensors(tiny_ckpt, tmp_path_factory):
 def config(tiny_ckpt, tensors, out, **kw):
     base = dict(tensor_dir=tensors, checkpoint_dir=tiny_ckpt, output_dir=str(out), lora_rank=8, lora_alpha=16,
                 lora_dropout=0.1, learning_rate=2e-3, train_epochs=4, save_every_n_epochs=2, warmup_steps=2,
-                device="cpu")
+                device="cpu", preview_every_n_epochs=0)  # previews: tests/test_previews.py
     base.update(kw)
     return TrainConfig(**base)
 
@@ -163,17 +163,27 @@ def test_checkpoints_and_log(tiny_ckpt, tensors, tmp_path):
     assert "epoch 4/4" in result.log and "PEFT adapter:" in result.log
 
 
-def test_epoch_hooks_see_each_epoch_logged_and_saved(tiny_ckpt, tensors, tmp_path):
-    """Where previews and a validation loss plug in, without touching the loop."""
+def test_hooks_see_each_epoch_logged_before_its_checkpoint(tiny_ckpt, tensors, tmp_path):
+    """Where previews and a validation loss plug in, without touching the loop: what an epoch hook records is in
+    that epoch's checkpoint (so a resume from it keeps it); start, checkpoint and finish hooks too."""
     trainer = Trainer(config(tiny_ckpt, tensors, tmp_path, train_epochs=3, save_every_n_epochs=2))
     seen = []
+    trainer.start_hooks.append(lambda t: seen.append(("start", t.global_step, t.metrics.lines[0][:11])))
     trainer.epoch_hooks.append(lambda t, epoch: seen.append(
-        (epoch, [e["epoch"] for e in t.metrics.epoch_log], (tmp_path / "checkpoints" / f"epoch_{epoch}").is_dir())))
+        (epoch, [e["epoch"] for e in t.metrics.epoch_log], (tmp_path / "checkpoints" / f"epoch_{epoch}").is_dir()))
+        or t.metrics.record({"hook": epoch}))
+    trainer.checkpoint_hooks.append(lambda t, folder: open(os.path.join(folder, "extra.txt"), "w").write("x"))
+    trainer.finish_hooks.append(lambda t: "a line from a finish hook")
     try:
-        trainer.train()
+        result = trainer.train()
     finally:
         trainer.cleanup()
-    assert seen == [(1, [1], False), (2, [1, 2], True), (3, [1, 2, 3], False)]
+    assert seen == [("start", 0, "training on"), (1, [1], False), (2, [1, 2], False), (3, [1, 2, 3], False)]
+    saved = torch.load(tmp_path / "checkpoints" / "epoch_2" / "training_state.pt", weights_only=True)
+    assert [n["hook"] for n in saved["notes"]] == [1, 2]
+    assert (tmp_path / "checkpoints" / "epoch_2" / "extra.txt").is_file() and (tmp_path / "final" / "extra.txt").is_file()
+    assert result.summary.endswith("\na line from a finish hook")
+    assert [e.get("hook") for e in (json.loads(x) for x in open(tmp_path / "train_log.jsonl")) if "hook" in e] == [1, 2, 3]
 
 
 # -- resume ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """Tiled VAE encode/decode equal the whole-clip result; frame arithmetic matches the official hop."""
+import os
+
 import pytest
 import torch
 
@@ -85,6 +87,25 @@ def test_encoder_only_load_reads_and_builds_no_decoder(tiny_ckpt, monkeypatch):
     assert torch.equal(encoder_only.encode(audio).mean, full.encode(audio).mean)
     with pytest.raises(RuntimeError, match="loaded without its decoder"):
         encoder_only.decode(torch.zeros(1, 64, 4))
+
+
+def test_decoder_only_load_reads_and_builds_no_encoder(tiny_ckpt, comfy_models, monkeypatch):
+    """Previews and `sample` only decode: the decoder alone (official folder and ComfyUI file), the same audio."""
+    from acestep_lora import native
+    from acestep_lora import vae as vae_module
+
+    full = load_vae(tiny_ckpt)
+    latents = torch.randn(1, 64, 6, generator=torch.Generator().manual_seed(4))
+    from_file = native.load_vae_file(os.path.join(comfy_models, "vae", "ace_1.5_vae.safetensors"), encoder=False)
+    assert from_file.model.encoder is None and from_file.decode(latents).shape == (1, 2, 6 * 1920)
+    assert not any(k.startswith("encoder.") for k in from_file.model.state_dict())
+    monkeypatch.setattr(vae_module.Encoder, "__init__", lambda *a, **k: pytest.fail("the encoder was built"))
+    decoder_only = vae_module.load_vae(tiny_ckpt, encoder=False)
+    assert decoder_only.model.encoder is None and not any(k.startswith("encoder.") for k in
+                                                            decoder_only.model.state_dict())
+    assert torch.equal(decoder_only.decode(latents), full.decode(latents))
+    with pytest.raises(RuntimeError, match="loaded without its encoder"):
+        decoder_only.encode(torch.zeros(1, 2, 1920))
 
 
 def test_prepare_never_builds_the_decoder(tiny_ckpt, tmp_path, monkeypatch):

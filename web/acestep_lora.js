@@ -1,21 +1,29 @@
-// Live loss chart on the "ACE-Step LoRA Train" node (ComfyUI frontend extension, plain ES module, no build).
+// Live loss chart and preview player on the "ACE-Step LoRA Train" node (ComfyUI frontend extension, plain ES
+// module, no build).
 //
-// nodes/train.py sends websocket messages "acestep_lora.training" {node, points: [[step, loss, lr], ...] (new
-// since the last message), step, total_steps, epoch, total_epochs, loss, lr, elapsed, eta}. nodes/routes.py
-// serves the whole history (GET /acestep_lora/training and /acestep_lora/training/<node id>), fetched when a
-// Train node is created or loaded and when the websocket reconnects, so a reload mid-training redraws the curve.
-// Without this file the node still shows the PIL loss image that train.py sends as its progress preview.
+// nodes/train.py sends websocket messages "acestep_lora.training" {node, started, points: [[step, loss, lr], ...]
+// (new since the last message), step, total_steps, epoch, total_epochs, loss, lr, elapsed, eta, validation:
+// [[step, loss, epoch], ...], previews: [{epoch, step, base, captions, audio: [{filename, subfolder, type}]}]}.
+// nodes/routes.py serves the whole history (GET /acestep_lora/training and /acestep_lora/training/<node id>),
+// fetched when a Train node is created or loaded and when the websocket reconnects, so a reload mid-training
+// redraws the curve and the player. The chart draws the training loss (raw, EMA), the held-out validation loss
+// (green) and marks the epochs that have previews; under it, a player plays the chosen preview set's clips from
+// ComfyUI's /view (the LoRA-off reference is one of the sets, for A/B). The node's result (ui.audio, and
+// ui.acestep_lora_previews for a finished run reused without training) fills the player too. Without this file the
+// node still shows the PIL loss image that train.py sends as its progress preview.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyHistory, applyMessage, findRun, historyPath, initialState, labelsFor, layoutChart, ownsRun, pickTargets,
-  planFetch, statusText,
+  applyHistory, applyMessage, cleanPreviews, findRun, historyPath, initialState, labelsFor, layoutChart, ownsRun,
+  pickPreview, pickTargets, planFetch, previewChoices, statusText, viewPath,
 } from "./chart_core.js";
 
 const NODE_TYPE = "ACEStepLoRA_Train";
 const EVENT = "acestep_lora.training";
 const ROUTE = "/acestep_lora/training";
 const MIN_HEIGHT = 220;
+const PLAYER_ROW = 30; // px per clip in the preview player
+const PLAYER_HEAD = 24;
 const STATUS_REFRESH_MS = 2000;
 
 const charts = new Set();
@@ -40,6 +48,8 @@ function themeColors(el) {
     grid: v("--border-color", "rgba(128,128,128,0.35)"),
     raw: "rgba(80,140,220,0.55)",
     smooth: "#f0a030",
+    validation: "#40c070",
+    mark: "rgba(190,120,230,0.9)",
   };
 }
 
@@ -63,11 +73,19 @@ class LossChart {
       flex: "0 0 auto", fontSize: "11px", lineHeight: "1.3", color: "var(--descrip-text, #999)",
       fontFamily: "monospace", whiteSpace: "normal", overflowWrap: "anywhere", userSelect: "text",
     });
-    this.element.append(this.canvas, this.text);
+    this.player = document.createElement("div");
+    this.player.className = "acestep-lora-previews";
+    Object.assign(this.player.style, {
+      flex: "0 0 auto", display: "none", flexDirection: "column", gap: "2px", fontSize: "11px",
+      color: "var(--descrip-text, #999)",
+    });
+    this.chosen = null; // the preview set the user picked (null: follow the newest)
+    this.shown = ""; // what the player shows now, to rebuild it only when that changes
+    this.element.append(this.canvas, this.text, this.player);
 
     this.widget = node.addDOMWidget("loss_chart", "acestep_lora_chart", this.element, {
       serialize: false,
-      getMinHeight: () => MIN_HEIGHT,
+      getMinHeight: () => MIN_HEIGHT + this.playerHeight(),
       getValue: () => undefined,
       setValue: () => {},
     });
@@ -95,7 +113,76 @@ class LossChart {
       this.text.textContent = line;
       this.text.title = line;
     }
+    this.renderPlayer();
     this.scheduleDraw();
+  }
+
+  playerHeight() {
+    const pick = pickPreview(this.state.previews, this.chosen, this.labels);
+    return pick ? PLAYER_HEAD + PLAYER_ROW * pick.set.audio.length : 0;
+  }
+
+  /** The preview player: a choice of set (newest epoch first, the LoRA-off reference last) and one audio element
+   *  per clip. Rebuilt only when the set or the run changes, so a clip that is playing keeps playing. */
+  renderPlayer() {
+    const choices = previewChoices(this.state.previews, this.labels);
+    const pick = pickPreview(this.state.previews, this.chosen, this.labels);
+    const key = pick ? JSON.stringify([this.state.started, choices.map((c) => c.key), pick.key,
+      pick.set.audio.map((a) => a.filename)]) : "";
+    if (key === this.shown) return;
+    const grow = !this.shown && pick;
+    this.shown = key;
+    this.player.replaceChildren();
+    this.player.style.display = pick ? "flex" : "none";
+    if (!pick) return;
+    const head = document.createElement("div");
+    Object.assign(head.style, { display: "flex", alignItems: "center", gap: "6px", height: `${PLAYER_HEAD - 4}px` });
+    const title = document.createElement("span");
+    title.textContent = this.labels.previews;
+    const select = document.createElement("select");
+    Object.assign(select.style, { fontSize: "11px", maxWidth: "60%" });
+    for (const c of choices) {
+      const option = document.createElement("option");
+      option.value = c.key;
+      option.textContent = c.label;
+      if (c.key === pick.key) option.selected = true;
+      select.append(option);
+    }
+    select.value = pick.key;
+    select.addEventListener("change", () => {
+      this.chosen = select.value;
+      this.render();
+    });
+    head.append(title, select);
+    this.player.append(head);
+    const bust = this.state.started ?? "";
+    pick.set.audio.forEach((ref, i) => {
+      const row = document.createElement("div");
+      Object.assign(row.style, { display: "flex", alignItems: "center", gap: "4px", height: `${PLAYER_ROW - 2}px` });
+      const label = document.createElement("span");
+      label.textContent = `${i + 1}`;
+      label.title = pick.set.captions?.[i] ?? "";
+      const audio = document.createElement("audio");
+      audio.controls = true;
+      audio.preload = "metadata"; // shows each clip's length; the clip itself loads on play
+      audio.src = api.apiURL(viewPath(ref, bust));
+      audio.title = `${this.labels.clip} ${i + 1}: ${pick.set.captions?.[i] ?? ref.filename}`;
+      Object.assign(audio.style, { flex: "1 1 auto", height: `${PLAYER_ROW - 4}px`, minWidth: "0" });
+      row.append(label, audio);
+      this.player.append(row);
+    });
+    if (grow) {
+      // make room for the player the first time it appears (the node keeps any size the user gave it after that)
+      try {
+        const size = this.node.computeSize?.();
+        if (size && this.node.size) {
+          this.node.setSize?.([this.node.size[0], Math.max(this.node.size[1], size[1])]);
+        }
+        app.graph?.setDirtyCanvas?.(true, true);
+      } catch {
+        /* sizing is cosmetic */
+      }
+    }
   }
 
   scheduleDraw() {
@@ -121,7 +208,8 @@ class LossChart {
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, width, height);
     const colors = themeColors(this.element);
-    const layout = layoutChart(this.state.points, width, height);
+    const layout = layoutChart(this.state.points, width, height,
+      { validation: this.state.validation, previews: this.state.previews });
     ctx.font = "10px sans-serif";
     ctx.lineJoin = "round";
     if (layout.empty) {
@@ -157,12 +245,26 @@ class LossChart {
     ctx.clip();
     this.stroke(ctx, layout.raw, colors.raw, 1);
     this.stroke(ctx, layout.smooth, colors.smooth, 2);
+    this.stroke(ctx, layout.validation, colors.validation, 1.5);
+    ctx.fillStyle = colors.validation;
+    for (const [vx, vy] of layout.validation) ctx.fillRect(vx - 2, vy - 2, 4, 4);
     ctx.restore();
+    // epochs with previews: small triangles on the time axis
+    ctx.fillStyle = colors.mark;
+    for (const m of layout.marks) {
+      ctx.beginPath();
+      ctx.moveTo(m.x, plot.bottom - 7);
+      ctx.lineTo(m.x - 4, plot.bottom);
+      ctx.lineTo(m.x + 4, plot.bottom);
+      ctx.fill();
+    }
     // legend
     ctx.textAlign = "left";
     ctx.textBaseline = "middle";
-    let x = plot.right - 120;
-    for (const [label, color, w] of [[this.labels.raw, colors.raw, 1], [this.labels.ema, colors.smooth, 2]]) {
+    const entries = [[this.labels.raw, colors.raw, 1], [this.labels.ema, colors.smooth, 2]];
+    if (layout.validation.length) entries.push([this.labels.validation, colors.validation, 2]);
+    let x = plot.right - 60 * entries.length;
+    for (const [label, color, w] of entries) {
       ctx.strokeStyle = color;
       ctx.lineWidth = w;
       ctx.beginPath();
@@ -267,6 +369,13 @@ function attach(node) {
   }
   node.acestepLoraChart = chart;
   charts.add(chart);
+  // the node's result: its preview sets (a finished run reused without training sends no websocket message)
+  const onExecuted = node.onExecuted;
+  node.onExecuted = function (output) {
+    const sets = cleanPreviews(output?.acestep_lora_previews);
+    if (sets.length && !chart.state.previews?.length) chart.setState({ ...chart.state, previews: sets });
+    return onExecuted?.apply(this, arguments);
+  };
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     chart.dispose();

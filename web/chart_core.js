@@ -2,9 +2,12 @@
 // ComfyUI imports every .js under WEB_DIRECTORY as an ES module, so this file must only declare and export.
 // web/acestep_lora.js draws with it; tests/js/chart_core.test.mjs tests it with `node --test tests/js/`.
 //
-// A point is [step, loss, lr] (lr may be null). State = {points, info, started}; info holds the last known
-// step/total_steps/epoch/total_epochs/loss/lr/elapsed/eta/done of the run, as sent by nodes/train.py
-// (websocket "acestep_lora.training") and nodes/routes.py (GET /acestep_lora/training[/<node id>]).
+// A point is [step, loss, lr] (lr may be null). State = {points, info, started, validation, previews}; info holds
+// the last known step/total_steps/epoch/total_epochs/loss/lr/elapsed/eta/done of the run, as sent by
+// nodes/train.py (websocket "acestep_lora.training") and nodes/routes.py (GET /acestep_lora/training[/<node id>]).
+// validation: the held-out losses [step, loss, epoch] (step 0: before training, LoRA off); previews: the preview
+// sets {epoch, step, base, files, captions, audio: [{filename, subfolder, type}]} (acestep_lora/metrics.py
+// ProgressEvent; audio added by nodes/train.py).
 
 export const EMA_WEIGHT = 0.9;
 export const INFO_KEYS = ["step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed", "eta"];
@@ -65,6 +68,26 @@ export function mergeHistory(existing, history) {
   if (hist.length === 0) return existing;
   const last = hist[hist.length - 1][0];
   return hist.concat(existing.filter((p) => p[0] > last));
+}
+
+/** Validation losses as [step, loss, epoch] with a finite step and loss; input order is kept. */
+export function cleanValidation(list) {
+  if (!Array.isArray(list)) return [];
+  return list.filter((v) => Array.isArray(v) && isNum(v[0]) && isNum(v[1])).map((v) => [v[0], v[1], isNum(v[2]) ? v[2] : null]);
+}
+
+/** Preview sets with a step and a list of playable clips. */
+export function cleanPreviews(list) {
+  if (!Array.isArray(list)) return [];
+  return list.filter((p) => p && typeof p === "object" && isNum(p.step) && Array.isArray(p.audio));
+}
+
+/** Incoming validation losses or preview sets supersede the existing ones at or after their first step (a resumed
+ *  run announces what it restored; the node does the same, nodes/train.py merge). */
+export function supersede(existing, incoming, stepOf) {
+  if (incoming.length === 0) return existing;
+  const first = Math.min(...incoming.map(stepOf));
+  return existing.filter((x) => stepOf(x) < first).concat(incoming).sort((a, b) => stepOf(a) - stepOf(b));
 }
 
 /** Indices that keep the shape of a long series: the min and max of each bucket, first and last always. */
@@ -195,13 +218,15 @@ export const LABELS = {
   en: {
     epoch: "epoch", step: "step", loss: "loss", smoothed: "EMA", lr: "lr", elapsed: "elapsed", eta: "ETA",
     done: "done", stopped: "stopped", waiting: "The loss curve appears here while this node trains.",
-    raw: "loss", ema: "EMA 0.9",
+    raw: "loss", ema: "EMA 0.9", validation: "validation", val: "val", best: "best",
+    previews: "Previews", base: "base (LoRA off)", clip: "clip",
   },
   zh: {
     epoch: "轮次", step: "步数", loss: "损失", smoothed: "平滑", lr: "学习率", elapsed: "已用",
     eta: "剩余",
     done: "完成", stopped: "已停止", waiting: "训练时，这里显示损失曲线。",
-    raw: "损失", ema: "EMA 0.9",
+    raw: "损失", ema: "EMA 0.9", validation: "验证", val: "验证", best: "最佳",
+    previews: "预览", base: "基础模型（无 LoRA）", clip: "片段",
   },
 };
 
@@ -227,6 +252,14 @@ export function statusText(state, labels = LABELS.en) {
     lossText += ` (${labels.smoothed} ${formatLoss(smooth[smooth.length - 1])})`;
   }
   parts.push(lossText);
+  const held = (state && state.validation) || [];
+  if (held.length) {
+    const trained = held.filter((v) => v[0] > 0);
+    const best = trained.length ? trained.reduce((a, b) => (b[1] < a[1] ? b : a)) : null;
+    let val = `${labels.val} ${formatLoss(held[held.length - 1][1])}`;
+    if (best) val += ` (${labels.best} ${formatLoss(best[1])} @ ${labels.epoch} ${best[2] ?? "?"})`;
+    parts.push(val);
+  }
   const lr = isNum(info.lr) ? info.lr : last ? last[2] : NaN;
   parts.push(`${labels.lr} ${formatLr(lr)}`);
   parts.push(`${labels.elapsed} ${formatDuration(info.elapsed)}`);
@@ -243,7 +276,7 @@ export function statusText(state, labels = LABELS.en) {
 // State
 
 export function initialState() {
-  return { points: [], info: {}, started: null };
+  return { points: [], info: {}, started: null, validation: [], previews: [] };
 }
 
 function pickInfo(data) {
@@ -252,11 +285,16 @@ function pickInfo(data) {
   return info;
 }
 
-/** A websocket "acestep_lora.training" message: {node, points, step, total_steps, epoch, ...}. */
+/** A websocket "acestep_lora.training" message: {node, points, step, total_steps, epoch, ..., validation,
+ *  previews, started}. A message of another run (its `started` differs) starts the state afresh. */
 export function applyMessage(state, data) {
   if (!data || typeof data !== "object") return state;
+  if (isNum(data.started) && isNum(state.started) && data.started !== state.started) state = initialState();
   const points = appendPoints(state.points, data.points);
-  return { points, info: { ...state.info, ...pickInfo(data), done: false }, started: state.started };
+  const validation = supersede(state.validation ?? [], cleanValidation(data.validation), (v) => v[0]);
+  const previews = supersede(state.previews ?? [], cleanPreviews(data.previews), (p) => p.step);
+  return { points, info: { ...state.info, ...pickInfo(data), done: false },
+    started: isNum(data.started) ? data.started : state.started, validation, previews };
 }
 
 /** A GET /acestep_lora/training/<node id> answer. With `since` it holds only newer points of the same run. */
@@ -272,14 +310,28 @@ export function applyHistory(state, data) {
   const lastKnown = state.points.length ? state.points[state.points.length - 1][0] : -Infinity;
   const wsAhead = continuing && !(isNum(data.step) && data.step >= lastKnown);
   const info = wsAhead ? { ...state.info } : { ...pickInfo(data), done: Boolean(data.done) };
-  return { points, info, started: data.started ?? state.started };
+  let validation = cleanValidation(data.validation);
+  let previews = cleanPreviews(data.previews);
+  if (data.since != null && sameRun) {
+    validation = supersede(state.validation ?? [], validation, (v) => v[0]);
+    previews = supersede(state.previews ?? [], previews, (p) => p.step);
+  } else if (continuing) { // the websocket may have brought newer ones than the answer
+    const last = Math.max(-Infinity, ...cleanPoints(data.points).map((p) => p[0]), ...validation.map((v) => v[0]),
+      ...previews.map((p) => p.step));
+    validation = validation.concat((state.validation ?? []).filter((v) => v[0] > last));
+    previews = previews.concat((state.previews ?? []).filter((p) => p.step > last));
+  }
+  return { points, info, started: data.started ?? state.started, validation, previews };
 }
 
 /** Given a run summary from GET /acestep_lora/training: fetch the history? and since which step? */
 export function planFetch(state, run) {
   if (!run) return { fetch: false, since: null };
   const sameRun = state.started !== null && run.started != null && state.started === run.started;
-  if (!sameRun || state.points.length === 0) return { fetch: (run.num_points ?? 1) > 0, since: null };
+  // a run's history starts at step 1: points from a later step came by websocket only (a page opened mid-run)
+  if (!sameRun || state.points.length === 0 || state.points[0][0] > 1) {
+    return { fetch: (run.num_points ?? 1) > 0, since: null };
+  }
   const last = state.points[state.points.length - 1][0];
   const behind = isNum(run.step) && run.step > last;
   const doneChanged = Boolean(run.done) !== Boolean(state.info.done);
@@ -325,35 +377,72 @@ export function findRun(runs, nodeId) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Previews: which set the player shows
+
+/** Key of a preview set in the player's choice list. */
+export const previewKey = (p) => (p.base ? "base" : `epoch_${p.epoch}`);
+
+/** The sets to choose from, newest epoch first, the LoRA-off reference last: [{key, label, set}]. */
+export function previewChoices(previews, labels = LABELS.en) {
+  const sets = cleanPreviews(previews).filter((p) => p.audio.length);
+  const epochs = sets.filter((p) => !p.base).sort((a, b) => b.step - a.step);
+  return [...epochs, ...sets.filter((p) => p.base)].map((set) => ({
+    key: previewKey(set), label: set.base ? labels.base : `${labels.epoch} ${set.epoch}`, set,
+  }));
+}
+
+/** The set to show: the chosen one while it exists, else the newest. null when there is none. */
+export function pickPreview(previews, chosen = null, labels = LABELS.en) {
+  const choices = previewChoices(previews, labels);
+  return choices.find((c) => c.key === chosen) ?? choices[0] ?? null;
+}
+
+/** The /view query of a clip (ComfyUI serves output/input/temp files there); `bust` keeps browsers from playing a
+ *  cached clip of an earlier run with the same file name. */
+export function viewPath(ref, bust = "") {
+  const q = new URLSearchParams({ filename: ref.filename ?? "", subfolder: ref.subfolder ?? "", type: ref.type ?? "temp" });
+  if (bust !== "" && bust != null) q.set("rand", String(bust));
+  return `/view?${q.toString()}`;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Layout: everything the canvas draws, in CSS pixels
 
-/** Polylines (raw loss, EMA) and axis ticks for a width x height canvas. empty: nothing to plot yet. */
+/** Polylines (raw loss, EMA, validation), preview marks and axis ticks for a width x height canvas.
+ *  opts.validation: [[step, loss, epoch]]; opts.previews: preview sets (their epochs are marked on the x axis).
+ *  empty: nothing to plot yet. */
 export function layoutChart(points, width, height, opts = {}) {
   const pad = { left: 46, right: 8, top: 8, bottom: 18, ...(opts.pad || {}) };
   const plot = { left: pad.left, top: pad.top, right: width - pad.right, bottom: height - pad.bottom };
   plot.width = plot.right - plot.left;
   plot.height = plot.bottom - plot.top;
   const clean = cleanPoints(points);
-  if (clean.length === 0 || plot.width < 8 || plot.height < 8) {
-    return { empty: true, plot, raw: [], smooth: [], yTicks: [], xTicks: [] };
+  const held = cleanValidation(opts.validation);
+  if ((clean.length === 0 && held.length === 0) || plot.width < 8 || plot.height < 8) {
+    return { empty: true, plot, raw: [], smooth: [], validation: [], marks: [], yTicks: [], xTicks: [] };
   }
   const steps = clean.map((p) => p[0]);
   const losses = clean.map((p) => p[1]);
   const smoothed = ema(losses, opts.weight ?? EMA_WEIGHT);
-  const [lo, hi] = valueRange(losses);
+  const [lo, hi] = valueRange([...losses, ...held.map((v) => v[1])]);
   const y = niceTicks(lo, hi, opts.yTicks ?? 4);
-  const x0 = steps[0];
-  const x1 = steps[steps.length - 1] > x0 ? steps[steps.length - 1] : x0 + 1;
+  const allSteps = [...steps, ...held.map((v) => v[0])];
+  const x0 = Math.min(...allSteps);
+  const xMax = Math.max(...allSteps);
+  const x1 = xMax > x0 ? xMax : x0 + 1;
   const sx = (s) => plot.left + ((s - x0) / (x1 - x0)) * plot.width;
   const sy = (v) => plot.bottom - ((v - y.lo) / (y.hi - y.lo)) * plot.height;
   const budget = Math.max(4, Math.floor(plot.width * 2));
   const raw = downsampleIndices(losses, budget).map((i) => [sx(steps[i]), sy(losses[i])]);
   const smooth = strideIndices(smoothed.length, budget).map((i) => [sx(steps[i]), sy(smoothed[i])]);
+  const validation = held.map((v) => [sx(v[0]), sy(v[1])]);
+  const marks = cleanPreviews(opts.previews).filter((p) => !p.base && p.step >= x0 && p.step <= x1)
+    .map((p) => ({ x: sx(p.step), epoch: p.epoch, step: p.step }));
   const yTicks = y.ticks.map((v) => ({ y: sy(v), value: v, label: formatTick(v, y.step) }));
   const xt = niceTicks(x0, x1, opts.xTicks ?? 4);
   const xTicks = xt.ticks.filter((v) => v >= x0 && v <= x1).map((v) => ({ x: sx(v), value: v, label: formatCount(v) }));
-  return {
-    empty: false, plot, raw, smooth, yTicks, xTicks, yLo: y.lo, yHi: y.hi, x0, x1,
-    last: { step: steps[steps.length - 1], loss: losses[losses.length - 1], smoothed: smoothed[smoothed.length - 1] },
-  };
+  const last = clean.length
+    ? { step: steps[steps.length - 1], loss: losses[losses.length - 1], smoothed: smoothed[smoothed.length - 1] }
+    : null;
+  return { empty: false, plot, raw, smooth, validation, marks, yTicks, xTicks, yLo: y.lo, yHi: y.hi, x0, x1, last };
 }

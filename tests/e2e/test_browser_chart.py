@@ -4,15 +4,19 @@ Starts the same headless ComfyUI server as test_comfyui_server.py (its ``server`
 ``tests/e2e/browser/drive.mjs`` with Node.js: it opens the page, loads example workflow (1) into the editor, sets the
 test's widget values (tiny checkpoint, rank 8, enough epochs to watch), queues it with ``app.queuePrompt`` and, while
 the Train node trains, reads the chart's state and pixels, screenshots the node, reloads the page mid-run, opens the
-node's help panel, and waits for the end. The driver only records; the checks are here.
+node's help panel, waits (still mid-run) for preview clips of an epoch and a few validation losses and screenshots
+the node with its preview player and validation series, and waits for the end. The driver only records; the checks
+are here. Three more samples than the workflow's four LoadAudio clips are put into the samples folder first, so
+Collect gathers seven and one is held out for the validation loss.
 
 At the end it loads the workflow again in Nodes 2.0 (the frontend's "Modern Node Design") and reads which inputs the
 Prepare and Train nodes show before and after "Show advanced inputs".
 
 Skipped unless ``COMFYUI_DIR`` is a ComfyUI checkout, ``PLAYWRIGHT_CORE_DIR`` is a node_modules folder that holds
 playwright-core, and Chromium (``CHROMIUM``, default /usr/bin/chromium) and ``node`` exist. Set
-``ACESTEP_SCREENSHOT_DIR`` (e.g. ``docs``) to copy the mid-run screenshot there as ``live_chart.png`` and the folded
-Prepare and Train nodes as ``advanced_inputs.png``:
+``ACESTEP_SCREENSHOT_DIR`` (e.g. ``docs``) to copy the mid-run screenshot there as ``live_chart.png``, the node with
+its preview player and validation series as ``previews_player.png`` and the folded Prepare and Train nodes as
+``advanced_inputs.png``:
 
     apt-get install -y chromium && (mkdir -p /work/browser && cd /work/browser && npm install playwright-core)
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy-venv/bin/python \
@@ -59,7 +63,10 @@ object_info = e2e.object_info
 
 DRIVER = os.path.join(HERE, "browser", "drive.mjs")
 TRAIN, PREPARE = e2e.TRAIN, e2e.PREPARE
-EPOCHS = 150  # x 4 clips = 600 steps: ~35 s of training on 2 CPU cores, long enough to screenshot and reload mid-run
+EPOCHS = 200  # x 6 trained samples = 1200 steps: over a minute on 2 CPU cores, to screenshot and reload mid-run
+EXTRA_SAMPLES = 3  # + the workflow's 4 clips = 7 samples: validation holds 1 out
+PREVIEW_EVERY = 50  # previews at epochs 50, 100, 150 (and the LoRA-off reference before the first step)
+VALIDATION_EVERY = 10
 MIN_POINTS_SHOT = 60
 OUR_FILES = ("/extensions/acestep-lora/", "acestep_lora.js", "chart_core.js")
 DRIVER_TIMEOUT = 1800
@@ -88,9 +95,11 @@ def drive(server, object_info, tmp_path_factory):
         workflow = json.load(f)
     n_clips = sum(1 for n in workflow["nodes"] if n["type"] == "LoadAudio")
     clips = e2e.write_clips(server.input, n_clips)
+    write_extra_samples(os.path.join(server.output, "acestep_lora", "samples"))
     ckpt = os.path.join(server.models, "Ace-Step1.5")
     train = dict(e2e.TRAIN_SETTINGS, checkpoint_dir=ckpt, config_path=e2e.CONFIG,
-                 output_dir="acestep_lora/runs/browser_lora", train_epochs=EPOCHS, save_every_n_epochs=0)
+                 output_dir="acestep_lora/runs/browser_lora", train_epochs=EPOCHS, save_every_n_epochs=0,
+                 preview_every_n_epochs=PREVIEW_EVERY, validation_every_n_epochs=VALIDATION_EVERY)
     cfg = {
         "url": server.url + "/",
         "pack_dir_name": e2e.PACK_DIR_NAME,
@@ -108,7 +117,9 @@ def drive(server, object_info, tmp_path_factory):
         "templates_screenshot": os.path.join(out, "templates.png"),
         "advanced_screenshot": os.path.join(out, "advanced_inputs.png"),
         "advanced_open_screenshot": os.path.join(out, "advanced_inputs_open.png"),
-        "timeouts": {"ready": 180, "points": 900, "shot_points": 300, "reload": 90, "finish": 900},
+        "previews_screenshot": os.path.join(out, "previews_player.png"),
+        "min_validation": 3,
+        "timeouts": {"ready": 180, "points": 900, "shot_points": 300, "reload": 90, "previews": 600, "finish": 900},
     }
     config_path = os.path.join(out, "config.json")
     with open(config_path, "w", encoding="utf-8") as f:
@@ -128,12 +139,29 @@ def drive(server, object_info, tmp_path_factory):
     if shot_dir:
         shot_dir = shot_dir if os.path.isabs(shot_dir) else os.path.join(e2e.ROOT, shot_dir)
         os.makedirs(shot_dir, exist_ok=True)
-        for name in ("live_chart.png", "advanced_inputs.png"):
-            source = cfg["screenshot"] if name == "live_chart.png" else cfg["advanced_screenshot"]
+        shots = {"live_chart.png": cfg["screenshot"], "advanced_inputs.png": cfg["advanced_screenshot"],
+                 "previews_player.png": cfg["previews_screenshot"]}
+        for name, source in shots.items():
             if os.path.isfile(source):
                 shutil.copyfile(source, os.path.join(shot_dir, name))
                 print(f"screenshot copied to {os.path.join(shot_dir, name)}")
     return report, cfg
+
+
+def write_extra_samples(folder, count=EXTRA_SAMPLES):
+    """Samples as Create Training Sample leaves them (audio + JSON sidecar), for Collect to gather too."""
+    import soundfile as sf
+    from synthetic_music import make_clip
+
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        name = f"extra_groove_{i}"
+        sf.write(os.path.join(folder, f"{name}.flac"), make_clip(90 + 20 * i, 4.0, 44100, seed=10 + i,
+                                                                 style="house").T.numpy(), 44100)
+        with open(os.path.join(folder, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump({"caption": f"warm house groove {i}, pads, four on the floor", "lyrics": "[Instrumental]",
+                       "bpm": 90 + 20 * i, "keyscale": "A minor", "language": "instrumental",
+                       "timesignature": "4"}, f)
 
 
 def phase_of(report, name):
@@ -248,6 +276,35 @@ def test_reload_mid_run_redraws_history_from_route(drive):
     print(f"reload at step {before['last_step']}/{run['total_steps']}: {after['points']} points back "
           f"{reload['seconds_to_points']:.1f} s after reload (GET {fetched[0]['url'].split('/api')[-1]}), "
           f"{later['points']} three seconds later")
+
+
+def test_preview_player_and_validation_series_mid_run(drive):
+    """While it trains, the node plays its preview clips (the newest epoch's, or the LoRA-off reference) from
+    ComfyUI's /view and the chart draws the held-out validation loss and marks the epochs with previews."""
+    report, cfg = drive
+    p = report["checks"].get("previews")
+    assert p, report["notes"]
+    assert not p["info"]["done"] and p["route"]["done"] is False, "the run had ended"
+    epochs = [s["epoch"] for s in p["preview_sets"] if not s["base"]]
+    assert epochs and all(e % PREVIEW_EVERY == 0 for e in epochs) and any(s["base"] for s in p["preview_sets"])
+    assert all(s["clips"] == 2 for s in p["preview_sets"]), p["preview_sets"]
+    player = p["player"]
+    assert player["display"] == "flex" and player["height"] >= 60, player
+    assert player["choices"][0] == [f"epoch_{max(epochs)}", f"epoch {max(epochs)}"], player["choices"]
+    assert player["choices"][-1] == ["base", "base (LoRA off)"] and player["chosen"] == f"epoch_{max(epochs)}"
+    assert len(player["audio"]) == 2 and all("/view?" in a and "type=temp" in a for a in player["audio"])
+    clip = p["clip"]  # Chromium's <audio> loaded it: a 2 s clip, served as FLAC
+    assert clip.get("duration") == pytest.approx(e2e.TRAIN_SETTINGS["preview_seconds"], abs=0.05), clip
+    assert clip["status"] == 200 and "flac" in clip["type"] and clip["bytes"] > 10_000, clip
+    # the validation series: step 0 (LoRA off) and every VALIDATION_EVERY epochs, drawn in green
+    assert p["validation"] >= 3 and p["route"]["validation"] >= p["validation"] - 1, p
+    assert p["pixels"]["green"] > 20 and p["pixels"]["orange"] > 100, p["pixels"]
+    assert " · val " in p["status"] and "(best " in p["status"], p["status"]
+    assert os.path.getsize(cfg["previews_screenshot"]) > 10_000
+    print(f"mid-run at step {p['last_step']}: preview sets {[s['epoch'] for s in p['preview_sets']]} (0 = LoRA off), "
+          f"player {player['choices']}, clip {clip['duration']:.2f} s {clip['type']} {clip['bytes']} bytes; "
+          f"{p['validation']} validation losses ({p['pixels']['green']} green px); status {p['status']!r}; "
+          f"screenshot {cfg['previews_screenshot']}")
 
 
 def test_help_panel_renders_node_doc(drive, server):

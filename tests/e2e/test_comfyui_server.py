@@ -19,6 +19,7 @@ if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
     pytest.skip("COMFYUI_DIR is not set to a ComfyUI checkout (folder with main.py)", allow_module_level=True)
 
 import importlib.util  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -27,6 +28,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
 import soundfile as sf  # noqa: E402
@@ -59,7 +61,8 @@ COLLECT_OUTPUTS = ["audio_files", "captions", "lyrics_list", "bpm_list", "keysca
                    "timesignature_list"]
 TRAIN_SETTINGS = dict(lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=0.0, learning_rate=1e-3, train_epochs=3,
                       batch_size=1, gradient_accumulation=1, save_every_n_epochs=2, seed=1, resume_from="",
-                      target_modules="q_proj,k_proj,v_proj,o_proj", warmup_steps=0, device="cpu")
+                      target_modules="q_proj,k_proj,v_proj,o_proj", warmup_steps=0, device="cpu",
+                      preview_seconds=2.0)  # previews with each checkpoint (epoch 2), at the end and LoRA off
 
 
 # ---------------------------------------------------------------------------------------------- tiny checkpoint
@@ -404,6 +407,8 @@ def training_prompt(server, object_info, ckpt, clip_names=None):
     if "PreviewAny" in object_info:
         prompt["900"] = {"class_type": "PreviewAny", "inputs": {"source": [train, 0]}}
         prompt["901"] = {"class_type": "PreviewAny", "inputs": {"source": [train, 1]}}
+    if "SaveAudio" in object_info:  # Train's AUDIO output (the last epoch's previews) into ComfyUI's own audio node
+        prompt["902"] = {"class_type": "SaveAudio", "inputs": {"audio": [train, 2], "filename_prefix": "e2e/previews"}}
     return prompt, where, train, prepare
 
 
@@ -528,6 +533,38 @@ def test_training_workflow_writes_peft_adapter_and_comfy_lora(server, trained):
     print(f"PEFT adapter: {adapter}\nComfyUI LoRA: {trained['comfy_path']}")
 
 
+def test_train_node_ui_holds_playable_previews(server, trained):
+    """The node's result lists its preview clips as ComfyUI's audio previews (ui.audio in /history, files served
+    by /view from the temp folder): the last epoch's clips first, then the LoRA-off reference; its AUDIO output
+    goes into ComfyUI's SaveAudio."""
+    outputs, train, run_dir = trained["entry"]["outputs"], trained["train"], trained["run_dir"]
+    audio = outputs[train]["audio"]
+    assert [a["filename"] for a in audio] == ["epoch_3_1.flac", "epoch_3_2.flac", "base_1.flac", "base_2.flac"]
+    played = []
+    for ref in audio:
+        assert ref["type"] == "temp" and ref["subfolder"] == f"acestep_lora/{train}", ref
+        query = urllib.parse.urlencode({k: ref[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] in ("audio/flac", "audio/x-flac"), r.headers
+            data, rate = sf.read(io.BytesIO(r.read()), dtype="float32")
+        assert rate == 48000 and data.shape == (2 * 48000, 2) and 0 < abs(data).max() <= 1
+        played.append(data)
+    # the same clips as in the run folder
+    disk, _ = sf.read(os.path.join(run_dir, "previews", "epoch_3", "preview_1.flac"), dtype="float32")
+    assert (played[0] == disk).all() and not (played[0] == played[2]).all()  # LoRA on vs off differ
+    sets = outputs[train]["acestep_lora_previews"]
+    assert [(s["epoch"], s["base"]) for s in sets] == [(0, True), (2, False), (3, False)]
+    log = [json.loads(line) for line in read_text(os.path.join(run_dir, "train_log.jsonl")).splitlines()]
+    assert [e["epoch"] for e in log if "previews" in e] == [0, 2, 3]
+    if "902" in outputs:  # SaveAudio wrote the AUDIO output: one file per clip, the clips' length
+        saved = outputs["902"]["audio"]
+        assert len(saved) == 2, saved
+        data, rate = sf.read(os.path.join(server.output, saved[0]["subfolder"], saved[0]["filename"]))
+        assert rate == 48000 and data.shape[0] == 2 * 48000
+    print(f"ui.audio: {len(audio)} clips served by /view (type temp), 48 kHz stereo, 2.0 s; SaveAudio wrote "
+          f"{len(outputs.get('902', {}).get('audio', []))} files from the AUDIO output")
+
+
 def test_native_lora_loader_applies_trained_strength(server, trained):
     assert os.path.isfile(trained["comfy_path"]), "the training workflow wrote no ComfyUI LoRA"
     # The tiny DiT as ComfyUI's diffusion model: the official single-file layout (decoder.*, encoder.*, ...).
@@ -610,7 +647,7 @@ def test_interrupt_saves_resumable_checkpoint(server, trained):
     prompt_id = server.submit({"1": {"class_type": TRAIN, "inputs": train_inputs}})
     log_file = os.path.join(run_dir, "train_log.jsonl")
     deadline = time.time() + RUN_TIMEOUT
-    while not read_text(log_file).count("\n"):  # one line per finished epoch
+    while '"loss"' not in read_text(log_file):  # a line per finished epoch (previews and notes have their own)
         assert time.time() < deadline, f"training never reported an epoch:\n{server.log_tail()}"
         entry = server.get(f"/history/{prompt_id}").get(prompt_id)
         assert not entry, f"the long training run ended before it was interrupted: {entry and entry['status']}"

@@ -237,3 +237,76 @@ test("ownsRun: a run shows only on a node with the output_dir that started it", 
   assert.equal(core.ownsRun("x", { node: "1" }), true, "older server: accept");
   assert.equal(core.ownsRun("x", null), true);
 });
+
+const set = (epoch, step, base = false) => ({ epoch, step, base, files: [], captions: ["c"],
+  audio: [{ filename: `${base ? "base" : `epoch_${epoch}`}_1.flac`, subfolder: "acestep_lora/3", type: "temp" }] });
+
+test("validation losses and preview sets: a resume's announcement supersedes, another run starts afresh", () => {
+  let s = core.applyMessage(core.initialState(), { started: 5, points: [], validation: [[0, 0.9, 0]],
+    previews: [set(0, 0, true)] });
+  s = core.applyMessage(s, { started: 5, points: [[1, 0.8, 0], [2, 0.7, 0]], step: 2 });
+  s = core.applyMessage(s, { started: 5, points: [], validation: [[2, 0.75, 1], [2, NaN, 1], "x"], previews: [set(1, 2)] });
+  assert.deepEqual(s.validation, [[0, 0.9, 0], [2, 0.75, 1]]);
+  assert.deepEqual(s.previews.map(core.previewKey), ["base", "epoch_1"]);
+  // a resumed run announces what it restored (from step 0): it replaces, never duplicates
+  s = core.applyMessage(s, { started: 5, points: [], validation: [[0, 0.9, 0], [2, 0.75, 1]] });
+  assert.deepEqual(s.validation, [[0, 0.9, 0], [2, 0.75, 1]]);
+  // another run of the node (other start time)
+  s = core.applyMessage(s, { started: 6, points: [[1, 0.5, 0]], step: 1 });
+  assert.deepEqual([s.points.length, s.validation, s.previews, s.started], [1, [], [], 6]);
+  // the route: the full history replaces; `since` adds
+  s = core.applyHistory(s, { started: 6, since: null, step: 2, points: [[1, 0.5, 0], [2, 0.4, 0]],
+    validation: [[0, 1, 0]], previews: [set(0, 0, true)] });
+  s = core.applyHistory(s, { started: 6, since: 2, step: 4, points: [[3, 0.3, 0], [4, 0.2, 0]],
+    validation: [[4, 0.6, 2]], previews: [set(2, 4)] });
+  assert.deepEqual(s.validation, [[0, 1, 0], [4, 0.6, 2]]);
+  assert.deepEqual(s.previews.map(core.previewKey), ["base", "epoch_2"]);
+  const text = core.statusText(s);
+  assert.ok(text.includes("val 0.6000 (best 0.6000 @ epoch 2)"), text);
+  assert.ok(core.statusText(s, core.labelsFor("zh")).includes("验证 0.6000"));
+});
+
+test("the player's choices: newest epoch first, the LoRA-off reference last; /view paths", () => {
+  const sets = [set(0, 0, true), set(2, 10), set(4, 20), { ...set(6, 30), audio: [] }];
+  assert.deepEqual(core.previewChoices(sets).map((c) => [c.key, c.label]),
+    [["epoch_4", "epoch 4"], ["epoch_2", "epoch 2"], ["base", "base (LoRA off)"]]);
+  assert.equal(core.pickPreview(sets).key, "epoch_4");
+  assert.equal(core.pickPreview(sets, "base").key, "base");
+  assert.equal(core.pickPreview(sets, "epoch_99").key, "epoch_4", "a choice that is gone: the newest");
+  assert.equal(core.pickPreview([]), null);
+  assert.equal(core.previewChoices(sets, core.labelsFor("zh"))[2].label, "基础模型（无 LoRA）");
+  assert.equal(core.viewPath({ filename: "a b.flac", subfolder: "acestep_lora/3", type: "temp" }, 17),
+    "/view?filename=a+b.flac&subfolder=acestep_lora%2F3&type=temp&rand=17");
+  assert.equal(core.viewPath({ filename: "a.flac" }), "/view?filename=a.flac&subfolder=&type=temp");
+});
+
+test("layoutChart: validation is a second series inside the y range, preview epochs are marked", () => {
+  const points = Array.from({ length: 100 }, (_, i) => [i + 1, 1 - i * 0.005, 1e-4]);
+  const L = core.layoutChart(points, 400, 220, { validation: [[0, 1.4, 0], [50, 0.9, 5], [100, 0.95, 10]],
+    previews: [set(0, 0, true), set(5, 50), set(10, 100)] });
+  assert.equal(L.validation.length, 3);
+  assert.ok(L.yHi >= 1.4, "the y axis covers the validation loss");
+  close(L.x0, 0);
+  close(L.validation[0][0], L.plot.left);
+  for (const [x, y] of L.validation) assert.ok(x >= L.plot.left && x <= L.plot.right && y >= L.plot.top && y <= L.plot.bottom);
+  assert.deepEqual(L.marks.map((m) => m.epoch), [5, 10], "epochs with previews (not the reference)");
+  close(L.marks[1].x, L.plot.right);
+  // before the first step: only the LoRA-off validation point
+  const early = core.layoutChart([], 400, 220, { validation: [[0, 1.2, 0]] });
+  assert.equal(early.empty, false);
+  assert.equal(early.validation.length, 1);
+  assert.equal(early.last, null);
+});
+
+test("a page opened mid-run: the websocket's first message (with the run's start) still gets the whole history", () => {
+  let s = core.applyMessage(core.initialState(), { started: 9, points: [[94, 0.5, 0]], step: 94, total_steps: 200,
+    validation: [[94, 0.6, 10]] });
+  assert.deepEqual(core.planFetch(s, { started: 9, step: 94, num_points: 94 }), { fetch: true, since: null });
+  const points = Array.from({ length: 94 }, (_, i) => [i + 1, 1, 0]);
+  s = core.applyHistory(s, { started: 9, since: null, step: 93, points: points.slice(0, 93),
+    validation: [[0, 1, 0], [60, 0.7, 6]], previews: [set(0, 0, true)] });
+  assert.deepEqual([s.points[0][0], s.points.length], [1, 94]);
+  assert.deepEqual(s.validation, [[0, 1, 0], [60, 0.7, 6], [94, 0.6, 10]], "the websocket's newer one kept");
+  assert.deepEqual(s.previews.map(core.previewKey), ["base"]);
+  assert.equal(core.planFetch(s, { started: 9, step: 94, num_points: 94 }).fetch, false);
+});

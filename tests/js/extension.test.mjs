@@ -29,7 +29,7 @@ class FakeContext {
   constructor() { this.ops = []; }
 }
 for (const m of ["setTransform", "clearRect", "beginPath", "moveTo", "lineTo", "stroke", "fillText", "strokeRect",
-  "save", "restore", "rect", "clip"]) {
+  "save", "restore", "rect", "clip", "fill", "fillRect"]) {
   FakeContext.prototype[m] = function (...args) { this.ops.push([m, ...args]); };
 }
 
@@ -44,6 +44,8 @@ class FakeElement {
     this.ctx = new FakeContext();
   }
   append(...c) { this.children.push(...c); }
+  replaceChildren(...c) { this.children = [...c]; }
+  addEventListener(type, fn) { (this.listeners ??= {})[type] = fn; }
   getBoundingClientRect() { return { width: 400, height: 200 }; }
   getContext() { return this.ctx; }
 }
@@ -64,6 +66,7 @@ globalThis.__acestepStubs = {
     extensionManager: { setting: { get: () => "en" } },
   },
   api: {
+    apiURL: (path) => `/api${path}`,
     addEventListener(type, fn) {
       if (!listeners.has(type)) listeners.set(type, []);
       listeners.get(type).push(fn);
@@ -293,6 +296,95 @@ test("the pack's own messages (the fixture, unchanged) are drawn: live, and afte
   const text = reloaded.widgets[0].element.children[1].textContent;
   for (const part of parts) assert.ok(text.includes(part), `${part}: ${text}`);
   reloaded.onRemoved();
+});
+
+/** The player's parts: [head (title, select), rows (label, audio)...]. */
+function player(node) {
+  const el = node.widgets.find((w) => w.name === "loss_chart").element.children[2];
+  const [head, ...rows] = el.children;
+  return { el, select: head?.children[1], audios: rows.map((r) => r.children[1]) };
+}
+
+test("validation losses and preview sets are drawn, and the player plays the newest set or the chosen one", async () => {
+  server = { runs: {}, history: {} };
+  const node = makeNode(7);
+  ext.nodeCreated(node);
+  node.widgets.unshift({ name: "output_dir", value: FIXTURE.event.output_dir });
+  await sleep(120);
+  assert.equal(player(node).el.style.display, "none", "no previews yet: no player");
+  const minBefore = node.widgets[1].options.getMinHeight();
+  emit("acestep_lora.training", FIXTURE.event);
+  flushFrames();
+  const chart = node.widgets[1].element;
+  const ops = chart.children[0].ctx.ops;
+  assert.ok(ops.some((op) => op[0] === "fillRect"), "validation points drawn");
+  assert.ok(ops.some((op) => op[0] === "fill"), "preview mark drawn");
+  assert.ok(ops.some((op) => op[0] === "fillText" && op[1] === "validation"), "legend");
+  assert.match(chart.children[1].textContent, /val 0\.7400 \(best 0\.7400 @ epoch 2\)/);
+  // the newest set (epoch 2) is shown; the LoRA-off reference is the other choice
+  let p = player(node);
+  assert.equal(p.el.style.display, "flex");
+  assert.deepEqual(p.select.children.map((o) => [o.value, o.textContent]), [["epoch_2", "epoch 2"],
+    ["base", "base (LoRA off)"]]);
+  const started = FIXTURE.event.started;
+  assert.deepEqual(p.audios.map((a) => a.src), [1, 2].map((i) =>
+    `/api/view?filename=epoch_2_${i}.flac&subfolder=acestep_lora%2F7&type=temp&rand=${started}`));
+  assert.ok(p.audios.every((a) => a.controls && a.preload === "metadata"));
+  assert.match(p.audios[0].title, /dreamy lofi piano/);
+  assert.equal(node.widgets[1].options.getMinHeight(), minBefore + 24 + 2 * 30, "room for the player");
+  // A/B: choose the reference; a later message does not rebuild (or switch) the player while it plays
+  p.select.value = "base";
+  p.select.listeners.change();
+  flushFrames();
+  p = player(node);
+  assert.match(p.audios[0].src, /filename=base_1\.flac/);
+  const playing = p.audios[0];
+  emit("acestep_lora.training", { ...FIXTURE.event, points: [[5, 0.6, 4e-5]], step: 5, validation: [], previews: [] });
+  flushFrames();
+  assert.equal(player(node).audios[0], playing, "not rebuilt");
+  // a new set arrives: the user's choice stays; choosing nothing would follow the newest
+  const epoch4 = { ...FIXTURE.event.previews[1], epoch: 4, step: 8,
+    audio: FIXTURE.event.previews[1].audio.map((a) => ({ ...a, filename: a.filename.replace("epoch_2", "epoch_4") })) };
+  emit("acestep_lora.training", { ...FIXTURE.event, points: [[8, 0.5, 4e-5]], step: 8, validation: [[8, 0.7, 4]],
+    previews: [epoch4] });
+  flushFrames();
+  p = player(node);
+  assert.equal(p.select.value, "base");
+  assert.deepEqual(p.select.children.map((o) => o.value), ["epoch_4", "epoch_2", "base"]);
+  // another run of this node (its own start time) starts the chart and the player afresh
+  emit("acestep_lora.training", { ...FIXTURE.event, started: started + 100, points: [[1, 0.9, 1e-5]], step: 1,
+    validation: [[0, 0.95, 0]], previews: [] });
+  flushFrames();
+  assert.equal(player(node).el.style.display, "none");
+  assert.match(chart.children[1].textContent, /step 1\//);
+  node.onRemoved();
+});
+
+test("a finished run reused without training fills the player from the node's result", async () => {
+  const node = makeNode(12);
+  ext.nodeCreated(node);
+  await sleep(80);
+  node.onExecuted({ text: ["already trained"], audio: FIXTURE.event.previews[1].audio,
+    acestep_lora_previews: FIXTURE.event.previews });
+  flushFrames();
+  const p = player(node);
+  assert.equal(p.el.style.display, "flex");
+  assert.equal(p.audios.length, 2);
+  node.onRemoved();
+});
+
+test("the player after a reload comes from the route's history", async () => {
+  server = { runs: FIXTURE.runs.runs, history: { "7": FIXTURE.history } };
+  const node = makeNode(7);
+  ext.nodeCreated(node);
+  node.widgets.push({ name: "output_dir", value: FIXTURE.history.output_dir });
+  ext.loadedGraphNode(node);
+  await sleep(150);
+  flushFrames();
+  const p = player(node);
+  assert.deepEqual(p.select.children.map((o) => o.value), ["epoch_2", "base"]);
+  assert.match(node.widgets[0].element.children[1].textContent, /val 0\.7400/);
+  node.onRemoved();
 });
 
 test("no console errors were logged", () => {

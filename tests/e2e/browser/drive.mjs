@@ -8,6 +8,9 @@
 //   reload    page.reload() mid-run; the chart gets the history back from GET /acestep_lora/training/<node id>
 //   help      click the node's title, the selection toolbox's "Node Info": the right side panel renders
 //             web/docs/<node>.md
+//   previews  still mid-run, once a preview set of an epoch and a few validation losses have come: the player
+//             (its choices, the clips' /view URLs), one clip loaded by Chromium's <audio> (duration) and
+//             fetched (status, type, bytes); screenshot of the node with the player and the validation series
 //   finish    wait for the run to end (interrupt it after timeouts.finish s); final chart state
 //   advanced  the classic canvas's view of the Prepare and Train widgets (options.advanced, shown or not); then
 //             Nodes 2.0 (setting Comfy.VueNodes.Enabled): example workflow (1) again, the two nodes' rendered text
@@ -20,8 +23,8 @@
 // config: {url, pack_dir_name, workflow (UI-format JSON), widgets: {<node type>: {<widget>: value}}, load_audio:
 //          [file names for the LoadAudio nodes, in id order], help_doc (web/docs/<node>.md), min_points_shot,
 //          report, screenshot, screenshot_reload, screenshot_end, screenshot_error, help_screenshot,
-//          templates_screenshot, advanced_screenshot, advanced_open_screenshot,
-//          timeouts: {ready, points, shot_points, reload, finish} (seconds)}
+//          templates_screenshot, advanced_screenshot, advanced_open_screenshot, previews_screenshot,
+//          min_validation, timeouts: {ready, points, shot_points, reload, previews, finish} (seconds)}
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
@@ -34,7 +37,8 @@ const { chromium } = require(require.resolve("playwright-core", { paths: [proces
 const TRAIN = "ACEStepLoRA_Train";
 const PREPARE = "ACEStepLoRA_PrepareTrainingData";
 const PACK = cfg.pack_dir_name || "acestep-lora";
-const T = { ready: 120, points: 600, shot_points: 240, reload: 60, finish: 900, ...(cfg.timeouts || {}) };
+const T = { ready: 120, points: 600, shot_points: 240, reload: 60, previews: 600, finish: 900,
+  ...(cfg.timeouts || {}) };
 const started = Date.now();
 const log = (...a) => console.error(`[drive ${((Date.now() - started) / 1000).toFixed(1)}s]`, ...a);
 
@@ -158,12 +162,22 @@ async function chartState() {
     out.started = chart.state.started;
     out.info = chart.state.info;
     out.status = chart.text.textContent;
-    // pixels actually drawn: the EMA curve is #f0a030, the raw loss rgba(80,140,220,0.55)
+    out.validation = chart.state.validation?.length ?? 0;
+    out.preview_sets = (chart.state.previews ?? []).map((p) => ({ epoch: p.epoch, base: p.base, step: p.step,
+      clips: p.audio?.length ?? 0 }));
+    const select = chart.player?.querySelector("select");
+    out.player = chart.player ? {
+      display: getComputedStyle(chart.player).display, height: chart.player.getBoundingClientRect().height / sc,
+      choices: select ? [...select.options].map((o) => [o.value, o.textContent]) : [],
+      chosen: select?.value ?? null, audio: [...chart.player.querySelectorAll("audio")].map((a) => a.src),
+    } : null;
+    // pixels actually drawn: the EMA curve is #f0a030, the raw loss rgba(80,140,220,0.55), validation #40c070
     try {
       const ctx = chart.canvas.getContext("2d");
       const { data } = ctx.getImageData(0, 0, chart.canvas.width, chart.canvas.height);
       let orange = 0;
       let blue = 0;
+      let green = 0;
       let ink = 0;
       for (let i = 0; i < data.length; i += 4) {
         const [R, G, B, A] = [data[i], data[i + 1], data[i + 2], data[i + 3]];
@@ -171,8 +185,9 @@ async function chartState() {
         ink++;
         if (R > 200 && G > 120 && G < 190 && B < 90) orange++;
         else if (B > R + 60 && B > G) blue++;
+        else if (G > 150 && R < 110 && B < 150 && G > B + 50) green++;
       }
-      out.pixels = { ink, orange, blue };
+      out.pixels = { ink, orange, blue, green };
     } catch (e) {
       out.pixels = { error: String(e) };
     }
@@ -453,6 +468,46 @@ try {
     pinia?._s.get("rightSidePanel")?.closePanel?.();
     window.app.canvas.deselectAll?.();
   }).catch(() => {});
+  save();
+
+  // ---- 6b. previews mid-run: the player and the validation series ---------------------------------------------
+  await setPhase("previews");
+  try {
+    const ready = await until(({ TRAIN, n }) => {
+      const node = window.app.graph._nodes.find((x) => (x.comfyClass ?? x.type) === TRAIN);
+      const c = node?.acestepLoraChart;
+      const epochs = (c?.state.previews ?? []).filter((p) => !p.base && p.audio?.length);
+      return c && epochs.length && (c.state.validation?.length ?? 0) >= n ? { sets: epochs.length } : null;
+    }, { TRAIN, n: cfg.min_validation || 3 }, T.previews, 500);
+    if (!ready) throw new Error("no preview set of an epoch (and enough validation losses) came");
+    await frameNode(); // the node grew when the player appeared
+    const state = await chartState();
+    // Chromium loads the first clip as the player would (its duration), and its bytes come from /view
+    state.clip = await page.evaluate(async ({ TRAIN }) => {
+      const node = window.app.graph._nodes.find((x) => (x.comfyClass ?? x.type) === TRAIN);
+      const audio = node.acestepLoraChart.player.querySelector("audio");
+      const probe = new Audio();
+      const loaded = new Promise((resolve) => {
+        probe.addEventListener("loadedmetadata", () => resolve({ duration: probe.duration }), { once: true });
+        probe.addEventListener("error", () => resolve({ error: probe.error?.code ?? "error" }), { once: true });
+        setTimeout(() => resolve({ error: "timeout" }), 20000);
+      });
+      probe.preload = "metadata";
+      probe.src = audio.src;
+      const meta = await loaded;
+      const r = await fetch(audio.src, { cache: "no-store" });
+      const bytes = (await r.arrayBuffer()).byteLength;
+      return { src: audio.src, ...meta, status: r.status, type: r.headers.get("content-type"), bytes };
+    }, { TRAIN });
+    state.route = (await route(`/acestep_lora/training/${trainId}`)).body;
+    state.route = { validation: state.route?.validation?.length ?? 0, previews: state.route?.previews?.length ?? 0,
+      done: state.route?.done };
+    report.checks.previews = state;
+    if (cfg.previews_screenshot) report.checks.previews.shot = await shootNode(cfg.previews_screenshot);
+  } catch (e) {
+    report.notes.push(`previews: ${e}`);
+    if (cfg.screenshot_error) await page.screenshot({ path: cfg.screenshot_error.replace(/\.png$/, "_previews.png") });
+  }
   save();
 
   // ---- 7. the end of the run ------------------------------------------------------------------------------
