@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 # The dev environment: pinned torch 2.9.1 / torchaudio 2.9.1 + requirements + pytest (requirements-dev.txt).
 $(STAMP): requirements.txt requirements-dev.txt
@@ -19,8 +19,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# ruff first (config in pyproject.toml): a lint error stops before the suite's minutes are spent.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

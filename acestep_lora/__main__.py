@@ -148,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     add_cli_options(t, TRAIN)
     t.set_defaults(run=_train)
 
-    k = sub.add_parser("tiny-checkpoint", parents=[debug], help="write a tiny official-layout checkpoint (tests, demos)")
+    k = sub.add_parser("tiny-checkpoint", parents=[debug],
+                       help="write a tiny official-layout checkpoint (tests, demos)")
     k.add_argument("path")
     k.add_argument("--variants", nargs="+", default=["turbo"], choices=["turbo", "base", "sft"])
     k.set_defaults(run=_tiny)

@@ -36,7 +36,8 @@ Masks are prefix masks: 1 for the first n frames/tokens of a sample, 0 for the p
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ BACKENDS = ("flash", "efficient", "sdpa")
 EFFICIENT_BIAS_ALIGNMENT = 8  # elements: the memory-efficient kernel's row-stride requirement for its bias
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_kernel_runs(kernel: str, device_index: int, dtype: torch.dtype) -> bool:
     """Probe once per GPU and dtype whether torch's ``kernel`` runs here (with GQA and a window for flash)."""
     device = torch.device("cuda", device_index)

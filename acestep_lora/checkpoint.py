@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable, Optional
+from typing import Optional
+from collections.abc import Iterable
 
 import torch
 from safetensors import safe_open

@@ -99,7 +99,7 @@ class AceStepConfig:
             return self.sliding_window
         return None
 
-    def encoder_config(self) -> "AceStepConfig":
+    def encoder_config(self) -> AceStepConfig:
         """Config the condition encoder / tokenizer / detokenizer are built with (differs only for XL)."""
         width = self.encoder_hidden_size or self.hidden_size
         if width == self.hidden_size:
@@ -130,7 +130,7 @@ class AceStepConfig:
         return "XL" if self.condition_width != self.hidden_size else "2B"
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AceStepConfig":
+    def from_dict(cls, data: dict) -> AceStepConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
@@ -139,7 +139,7 @@ class AceStepConfig:
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_json(cls, path: str) -> "AceStepConfig":
+    def from_json(cls, path: str) -> AceStepConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)

@@ -20,7 +20,7 @@ class Batch:
     encoder_mask: Optional[torch.Tensor]  # (B, L) 1 = real token; None when nothing is padded
     frames: int  # real (unpadded) frames in the batch, known on the host
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.target_latents), move(self.context_latents), move(self.encoder_hidden_states),
                      move(self.frame_mask), move(self.encoder_mask), self.frames)
@@ -81,7 +81,7 @@ class TensorDataset:
     def condition_width(self) -> int:
         return self.samples[0]["encoder_hidden_states"].shape[-1]
 
-    def to(self, device: torch.device, dtype: torch.dtype, max_device_bytes: int = 2 * 2 ** 30) -> "TensorDataset":
+    def to(self, device: torch.device, dtype: torch.dtype, max_device_bytes: int = 2 * 2 ** 30) -> TensorDataset:
         """Stage all samples on the training device once, so the loop never copies host -> device; a dataset
         larger than ``max_device_bytes`` stays in pinned host memory and is copied batch by batch, asynchronously."""
         on_device = device.type == "cpu" or self.bytes() * torch.finfo(dtype).bits // 32 <= max_device_bytes

@@ -45,7 +45,8 @@ import os
 import pickle
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ log = logging.getLogger("acestep_lora.distributed")
 class ProcessLost(TrainingStopped):
     """Another process of the run stopped answering (killed, crashed, or slower than the timeout)."""
 
-    def stopped(self, epoch: int, step: int, saved: Optional[str], latest: Optional[str]) -> "ProcessLost":
+    def stopped(self, epoch: int, step: int, saved: Optional[str], latest: Optional[str]) -> ProcessLost:
         """The error to end this process with: where it stopped and the checkpoint that continues the run."""
         if saved:
             where = f"a resumable checkpoint was saved in {saved}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

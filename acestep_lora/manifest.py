@@ -116,7 +116,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, tensor_dir: str) -> "Manifest":
+    def load(cls, tensor_dir: str) -> Manifest:
         path = os.path.join(tensor_dir, MANIFEST)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tensor_dir '{tensor_dir}' has no {MANIFEST}. Run 'ACE-Step LoRA Prepare "

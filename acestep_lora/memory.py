@@ -14,7 +14,7 @@ card's free memory (``usable_cuda_bytes``) on CUDA.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -15,7 +15,8 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 
@@ -52,10 +53,10 @@ class ProgressEvent:
     def message(self, **context) -> dict:
         """The JSON form (the live chart's websocket message): the fields, ``context`` (node, output_dir), and
         None for NaN/inf, which JSON has not."""
-        return _json_safe({**context, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
+        return json_safe({**context, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}})
 
     @classmethod
-    def example(cls) -> "ProgressEvent":
+    def example(cls) -> ProgressEvent:
         """A typical mid-run event (tests/js/fixtures/training_messages.json is made from it)."""
         files = lambda folder: [f"previews/{folder}/preview_{i}.flac" for i in (1, 2)]  # noqa: E731
         captions = ["dreamy lofi piano, mystyle", "energetic rock, distorted guitars, mystyle"]
@@ -65,13 +66,14 @@ class ProgressEvent:
                              {"epoch": 2, "step": 4, "base": False, "files": files("epoch_2"), "captions": captions}])
 
 
-def _json_safe(value):
+def json_safe(value):
+    """NaN/inf are not JSON (a browser rejects the whole message): None instead, in nested dicts and lists too."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -38,7 +38,8 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
+from collections.abc import Iterable
 
 import torch
 

@@ -25,15 +25,16 @@ import argparse
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Optional, TypeVar
+from collections.abc import Mapping, Sequence
 
 from .audio import LONG_AUDIO_CHOICES
 from .checkpoint import DEFAULT_CONFIG_PATH
 from .compile import COMPILE_MODES
 from .device import DEVICE_CHOICES
+from .lora import DEFAULT_TARGETS
 from .source import AUTO, VARIANT_CHOICES as VARIANTS
 
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 TIMESTEP_SAMPLING = ("auto", "turbo_discrete", "logit_normal")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 TAG_POSITIONS = ("append", "prepend", "replace")
@@ -435,7 +436,8 @@ def _number(o: Option):
         try:
             value = o.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if o.kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not {'an integer' if o.kind is int else 'a number'}") from None
         if (o.min is not None and value < o.min) or (o.max is not None and value > o.max):
             raise argparse.ArgumentTypeError(f"{text} is outside {_num(o.min)} to {_num(o.max)}")
         return value

@@ -42,7 +42,8 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 

@@ -116,7 +116,7 @@ class RunState:
             json.dump(self.info(), f, indent=2)
 
     @classmethod
-    def load(cls, directory: str, role: str = "resume_from") -> "RunState":
+    def load(cls, directory: str, role: str = "resume_from") -> RunState:
         """``role`` names the folder in errors (what the user set that led here)."""
         path = os.path.join(directory, STATE_FILE)
         try:

@@ -46,7 +46,8 @@ import os
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Union
+from typing import Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ class Prompt:
     timesignature: str = ""
     language: str = "unknown"
 
-    def normalized(self) -> "Prompt":
+    def normalized(self) -> Prompt:
         caption = (self.caption or "").strip()
         if not caption:
             raise ValueError("caption is empty; describe the music (genre, instruments, mood), e.g. "
@@ -142,7 +143,7 @@ class Conditioning:
     def batch_size(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def to(self, device=None, dtype=None) -> "Conditioning":
+    def to(self, device=None, dtype=None) -> Conditioning:
         return replace(self, encoder_hidden_states=self.encoder_hidden_states.to(device=device, dtype=dtype),
                        encoder_attention_mask=self.encoder_attention_mask.to(device=device),
                        silence_latent=self.silence_latent.to(device=device, dtype=dtype))
@@ -236,7 +237,7 @@ class SamplerSettings:
 
     @classmethod
     def for_variant(cls, variant: str, steps: Optional[int] = None, shift: Optional[float] = None,
-                    guidance_scale: Optional[float] = None, cfg_interval: Optional[tuple] = None) -> "SamplerSettings":
+                    guidance_scale: Optional[float] = None, cfg_interval: Optional[tuple] = None) -> SamplerSettings:
         family = variant_family(variant)
         d_steps, d_shift, d_guidance = VARIANT_DEFAULTS[family]
         settings = cls(family, d_steps if steps is None else int(steps), d_shift if shift is None else float(shift),

@@ -23,7 +23,8 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -147,7 +148,7 @@ def detect_tempo(waveform: torch.Tensor, sample_rate: int) -> tuple[Optional[int
 def _json_object(path: str, encoding: str = "utf-8") -> dict:
     """A JSON file holding one object; anything else raises ValueError saying what is wrong."""
     try:
-        with open(path, "r", encoding=encoding) as f:
+        with open(path, encoding=encoding) as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not valid JSON: {e}") from e
@@ -273,7 +274,7 @@ def _read_text(path: str) -> Optional[str]:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, "r", encoding="utf-8-sig") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read '{path}' ({e}). Save it as UTF-8 text.") from e

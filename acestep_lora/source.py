@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 import torch
 
@@ -57,7 +58,7 @@ class ModelSource:
     # Constructors
 
     @classmethod
-    def official(cls, checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_PATH) -> "ModelSource":
+    def official(cls, checkpoint_dir: str, config_path: str = DEFAULT_CONFIG_PATH) -> ModelSource:
         """The official folder layout; an unknown folder or config_path fails here, naming what exists."""
         dit_dir(checkpoint_dir, config_path)
         return cls(OFFICIAL, os.path.basename(os.path.normpath(config_path)), checkpoint_dir=checkpoint_dir,
@@ -67,7 +68,7 @@ class ModelSource:
     def comfy(cls, diffusion_model: Optional[str] = None, vae: Optional[str] = None,
               text_encoder: Optional[str] = None, checkpoint: Optional[str] = None, *,
               variant: Optional[str] = None, tokenizer: Optional[Sequence[str] | str] = None,
-              silence_latent: Optional[str] = None, official_dir: Optional[str] = None) -> "ModelSource":
+              silence_latent: Optional[str] = None, official_dir: Optional[str] = None) -> ModelSource:
         """ComfyUI-format files. ``checkpoint`` (all-in-one) supplies whatever the split files do not.
 
         ``variant`` ("turbo"/"base"/"sft") is needed when the DiT file's name does not say it. ``tokenizer`` is a

@@ -32,7 +32,7 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device=None, dtype=None) -> "TextEncoder":
+    def to(self, device=None, dtype=None) -> TextEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -92,7 +92,8 @@ def load_text_encoder(checkpoint_dir: str, device="cpu", dtype: torch.dtype = to
 
     directory = require_dir(os.path.join(checkpoint_dir, TEXT_ENCODER_DIR), "Text encoder")
     require_file(os.path.join(directory, "config.json"), "Text encoder config")
-    if not any(os.path.isfile(os.path.join(directory, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in weights):
         require_file(os.path.join(directory, "model.safetensors"), "Text encoder weights")
     tokenizer = load_tokenizer(directory)
     with library_bars_off():  # no "Loading weights" bar inside Prepare's own progress display

@@ -21,8 +21,8 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +32,6 @@ from .data import Batch, TensorDataset, collate, make_batches
 from .device import compute_dtype, release_memory
 from .export import TrainResult
 from .fileio import atomic_directory
-from .lora import DEFAULT_TARGETS
 from .metrics import MetricsLog, ProgressEvent, format_seconds, plural
 from .objective import TIMESTEP_SAMPLING, FlowMatching, resolve_sampling  # noqa: F401  (TIMESTEP_SAMPLING: CLI)
 from .optim import Optimizer

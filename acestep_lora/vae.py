@@ -159,7 +159,7 @@ class AudioVAE:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device=None, dtype=None) -> "AudioVAE":
+    def to(self, device=None, dtype=None) -> AudioVAE:
         self.model.to(device=device, dtype=dtype)
         return self
 

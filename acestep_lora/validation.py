@@ -158,7 +158,7 @@ class Validation:
         self.staged = None
 
     @classmethod
-    def split(cls, cfg, data: TensorDataset) -> tuple[TensorDataset, "Validation"]:
+    def split(cls, cfg, data: TensorDataset) -> tuple[TensorDataset, Validation]:
         """-> (the samples to train on, the Validation). ``cfg``: TrainConfig; a resume (``cfg.resume_from``) keeps
         the split of the checkpoint it continues."""
         fraction, every = cfg.validation_split, cfg.validation_every_n_epochs

@@ -368,7 +368,8 @@ def main():
     if args.ablations:
         lines = ["| change | launches with it undone | launches it saves |", "|---|---|---|"]
         for label, undone, saved in ablation_rows():
-            lines.append(f"| {label} | {undone:,} | {-saved:+,} |" if label != "final" else f"| final code | {undone:,} | |")
+            lines.append(f"| {label} | {undone:,} | {-saved:+,} |" if label != "final"
+                         else f"| final code | {undone:,} | |")
             print(lines[-1], flush=True)
         if args.record:
             record(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "Kernel launches: each change undone",

@@ -183,13 +183,15 @@ def tables(u: dict, frames: int, runs: list, measured: dict | None, cuda: bool) 
              f"{1000 * u['val']:.1f} ms per held-out sample (8 timesteps); one preview set (2 x 20 s) "
              f"{u['preview']:.2f} s" + ("" if cuda else f"; start (prompt encoding + LoRA-off set) {u['start']:.2f} s")
              + ".", "",
-             "| dataset (n x " + f"{seconds:g} s) | held out | training (1000 epochs) | previews | validation | total |",
+             f"| dataset (n x {seconds:g} s) | held out | training (1000 epochs) | previews | validation "
+             "| total |",
              "|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['samples']} | {r['held']} | {r['training_h']:.2f} h | {r['preview_pct']:.1f} % | "
                      f"{r['validation_pct']:.1f} % | {r['total_pct']:.1f} % |")
     if measured:
-        lines += ["", f"Measured inside one short run (10 samples, 1 held out, {measured['steps']} steps over 20 epochs; "
+        lines += ["", "Measured inside one short run (10 samples, 1 held out, "
+                      f"{measured['steps']} steps over 20 epochs; "
                       f"{measured['sets']} preview sets, {measured['evaluations']} validation losses): hooks "
                       f"{measured['hooks']:.1f} s of {measured['total']:.1f} s = {measured['pct']:.1f} % of the "
                       "training time."]

@@ -7,10 +7,10 @@ ships in ``comfy/text_encoders/qwen25_tokenizer`` (what its own ACE-Step 1.5 tex
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Optional
 
+from ..acestep_lora.metrics import json_safe
 from ..acestep_lora.source import Folders
 
 CATEGORY = "audio/ACE-Step LoRA"  # where all of this pack's nodes sit in ComfyUI's node menu
@@ -168,20 +168,9 @@ def free_memory() -> None:
     mm.soft_empty_cache()
 
 
-def _json_safe(value):
-    """NaN/inf are not JSON: the browser would reject the whole message."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def send_event(event: str, data: dict, sid: Optional[str] = None) -> None:
     """Push a JSON message to the browser (the live training chart listens for it)."""
-    data = _json_safe(data)
+    data = json_safe(data)
     try:
         from server import PromptServer  # type: ignore
     except ImportError:

@@ -76,8 +76,8 @@ class PrepareTrainingData:
                 **widgets["required"],
             },
             "optional": {
-                **{f"audio_input_{i}": ("AUDIO", {"tooltip": f"Audio from a Load Audio node (sample after the "
-                                                             f"files{' and audio_input_' + str(i - 1) if i > 1 else ''})."})
+                **{f"audio_input_{i}": ("AUDIO", {"tooltip": "Audio from a Load Audio node (sample after the files"
+                                                             f"{' and audio_input_' + str(i - 1) if i > 1 else ''})."})
                    for i in range(1, 5)},
                 **widgets["optional"],
                 "timesignature_list": ("STRING", {"default": "", "forceInput": True, "tooltip":

@@ -104,7 +104,8 @@ def run():
     print(f"5. previews ({previews['waveform'].shape[0]} clips per set, {previews['waveform'].shape[-1] / 48000:g} s "
           f"each, 48 kHz FLAC) in {os.path.join(run, 'previews')}:")
     for entry in trained["ui"]["acestep_lora_previews"]:
-        what = "the model without the LoRA (A/B reference)" if entry["base"] else f"the LoRA after epoch {entry['epoch']}"
+        what = ("the model without the LoRA (A/B reference)" if entry["base"]
+                else f"the LoRA after epoch {entry['epoch']}")
         print(f"   {what}: " + ", ".join(os.path.join(run, f) for f in entry["files"]))
     best = lora_info.get("best")
     if best:

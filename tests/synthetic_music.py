@@ -332,11 +332,11 @@ def make_clip(bpm: float, seconds: float, sample_rate: int = 48000, *, seed: int
         # pad: sustained chord across the bar(s), slightly detuned per channel
         if b % chord_bars == 0:
             dur = chord_bars * bar + 0.1
-            l = sum(_tone(sr, _hz(key + 12 + root + iv), dur, attack=pad_attack, decay=8.0,
+            left = sum(_tone(sr, _hz(key + 12 + root + iv), dur, attack=pad_attack, decay=8.0,
                           harmonics=8, bright=0.8, detune_cents=-4) for iv in triad)
             r = sum(_tone(sr, _hz(key + 12 + root + iv), dur, attack=pad_attack, decay=8.0,
                           harmonics=8, bright=0.8, detune_cents=+4) for iv in triad)
-            place(np.stack([l, r]), bar_start, lv["pad"], 0.0)
+            place(np.stack([left, r]), bar_start, lv["pad"], 0.0)
         # keyboard stabs (short chords)
         for s in pat["keys"]:
             dur = rng.uniform(0.12, 0.3)

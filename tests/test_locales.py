@@ -60,7 +60,7 @@ def test_every_node_input_and_output_has_a_tooltip(comfy):
     """The zh files translate tooltips; an input without an English tooltip would have nothing to translate."""
     for node_id, entry in expected_en(comfy.pack).items():
         for kind in ("inputs", "outputs"):
-            for key, item in entry[kind].items():
+            for item in entry[kind].values():
                 assert item["tooltip"].strip(), f"{node_id} {kind[:-1]} {item['name']} has no tooltip"
 
 

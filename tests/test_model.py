@@ -44,12 +44,13 @@ def official_keys() -> dict:
                      f"decoder.{te}.linear_2.weight": (H, H), f"decoder.{te}.linear_2.bias": (H,),
                      f"decoder.{te}.time_proj.weight": (6 * H, H), f"decoder.{te}.time_proj.bias": (6 * H,)})
     keys["encoder.text_projector.weight"] = (H, 1024)
-    keys.update({"encoder.lyric_encoder.embed_tokens.weight": (H, 1024), "encoder.lyric_encoder.embed_tokens.bias": (H,),
-                 "encoder.lyric_encoder.norm.weight": (H,)})
+    keys.update({"encoder.lyric_encoder.embed_tokens.weight": (H, 1024),
+                 "encoder.lyric_encoder.embed_tokens.bias": (H,), "encoder.lyric_encoder.norm.weight": (H,)})
     for i in range(8):
         enc_layer(f"encoder.lyric_encoder.layers.{i}")
-    keys.update({"encoder.timbre_encoder.embed_tokens.weight": (H, 64), "encoder.timbre_encoder.embed_tokens.bias": (H,),
-                 "encoder.timbre_encoder.norm.weight": (H,), "encoder.timbre_encoder.special_token": (1, 1, H)})
+    keys.update({"encoder.timbre_encoder.embed_tokens.weight": (H, 64),
+                 "encoder.timbre_encoder.embed_tokens.bias": (H,), "encoder.timbre_encoder.norm.weight": (H,),
+                 "encoder.timbre_encoder.special_token": (1, 1, H)})
     for i in range(4):
         enc_layer(f"encoder.timbre_encoder.layers.{i}")
     keys.update({"tokenizer.audio_acoustic_proj.weight": (H, 64), "tokenizer.audio_acoustic_proj.bias": (H,),

@@ -285,7 +285,7 @@ def test_written_files_are_readable_by_everyone_under_umask_022(umask_022, comfy
         node_module(comfy, "train").TrainLoRA().train(**train_args(tensor_dir, tiny_ckpt, save_every_n_epochs=1))
     checked = 0
     for top in (tensor_dir, os.path.join(comfy.output, "runs"), os.path.join(comfy.models, "loras")):
-        for folder, dirs, names in os.walk(top):
+        for folder, _dirs, names in os.walk(top):
             assert os.stat(folder).st_mode & 0o777 == 0o755, folder
             for name in names:
                 assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, os.path.join(folder, name)

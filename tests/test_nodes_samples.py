@@ -62,7 +62,7 @@ def test_every_input_has_a_tooltip_and_seed_inputs(nodes):
     assert list(collect_inputs["required"]) == ["samples_dir"] and list(collect_inputs["optional"]) == ["sample_info"]
     for spec in (create_inputs, collect_inputs):
         for group in spec.values():
-            for name, (kind, options) in group.items():
+            for name, (_kind, options) in group.items():
                 assert options.get("tooltip"), name
     req = create_inputs["required"]
     assert req["audio"][0] == "AUDIO" and req["caption"][1]["multiline"] and req["lyrics"][1]["multiline"]

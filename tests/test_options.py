@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from acestep_lora import options
+from acestep_lora import lora, options
 from acestep_lora import train as train_mod
 from acestep_lora.__main__ import _parser, main
 from acestep_lora.options import PREPARE, TRAIN, PrepareSettings, TrainConfig, config_from_inputs
@@ -73,9 +73,9 @@ def test_the_dataclasses_are_the_table():
         assert [f.name for f in dataclasses.fields(cls)] == [o.name for o in rows]
         for f, o in zip(dataclasses.fields(cls), rows):
             assert o.default is f.default and o.kind.__name__ in f.type, f.name
-    # the constants train.py still checks against are the table's choices
+    # the constants the core checks against are the table's choices and defaults
     assert train_mod.TIMESTEP_SAMPLING == options.TIMESTEP_SAMPLING
-    assert train_mod.DEFAULT_TARGETS == options.DEFAULT_TARGETS
+    assert TrainConfig.target_modules == lora.DEFAULT_TARGETS
 
 
 def test_a_field_without_option_metadata_is_refused():

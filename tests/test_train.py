@@ -181,9 +181,11 @@ def test_hooks_see_each_epoch_logged_before_its_checkpoint(tiny_ckpt, tensors, t
     assert seen == [("start", 0, "training on"), (1, [1], False), (2, [1, 2], False), (3, [1, 2, 3], False)]
     saved = torch.load(tmp_path / "checkpoints" / "epoch_2" / "training_state.pt", weights_only=True)
     assert [n["hook"] for n in saved["notes"]] == [1, 2]
-    assert (tmp_path / "checkpoints" / "epoch_2" / "extra.txt").is_file() and (tmp_path / "final" / "extra.txt").is_file()
+    assert (tmp_path / "checkpoints" / "epoch_2" / "extra.txt").is_file()
+    assert (tmp_path / "final" / "extra.txt").is_file()
     assert result.summary.endswith("\na line from a finish hook")
-    assert [e.get("hook") for e in (json.loads(x) for x in open(tmp_path / "train_log.jsonl")) if "hook" in e] == [1, 2, 3]
+    log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
+    assert [e["hook"] for e in log if "hook" in e] == [1, 2, 3]
 
 
 # -- resume ------------------------------------------------------------------------------------------------------

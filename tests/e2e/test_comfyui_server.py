@@ -220,7 +220,7 @@ def launch_server(tmp_path_factory, request, name, populate):
             status, _ = srv.request("GET", "/system_stats", timeout=5)
             if status == 200:
                 break
-        except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError):
             pass
         if time.time() > deadline:
             pytest.fail(f"ComfyUI did not answer within {START_TIMEOUT} s:\n{srv.log_tail()}")
