@@ -173,7 +173,7 @@ class Trainer:
         if self.net is None:
             self.setup()
         os.makedirs(cfg.output_dir, exist_ok=True)
-        self.metrics.start(self._header())
+        self.metrics.start(self.header())
         for hook in self.start_hooks:
             hook(self)
         for epoch in range(self.start.epoch, cfg.train_epochs + 1):
@@ -303,7 +303,8 @@ class Trainer:
                            self.metrics.text(), self.run_id, summary, self.trigger_tag, self.metrics.history,
                            list(self.epoch_loras))
 
-    def _header(self) -> str:
+    def header(self) -> str:
+        """The run's first log line: data, schedule, LoRA, device, and why checkpointing/compile are on or off."""
         c = self.cfg
         return (f"training on {plural(len(self.data), 'sample')}: {plural(c.train_epochs, 'epoch')} of "
                 f"{plural(self.steps_per_epoch, 'step')}, {self.optim.total_steps} steps in all, rank {c.lora_rank}, "

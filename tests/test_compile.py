@@ -139,7 +139,7 @@ def test_recompiles_across_an_epoch_are_bounded_by_the_buckets(tiny_ckpt, varied
     assert len({-(-n // 16) for n in lengths}) == 4  # the samples span four buckets
     assert sorted(graphs) == sorted(expected)  # one compile per shape met
     bound = len({-(-n // 16) for n in lengths})  # frame buckets x batch sizes (only 2: four samples)
-    assert len(graphs) <= bound and f"{bound} step shapes" in trainer._header()
+    assert len(graphs) <= bound and f"{bound} step shapes" in trainer.header()
 
 
 def test_compile_option_auto_on_off(monkeypatch):

@@ -250,7 +250,7 @@ def test_trainer_compiles_its_step_on_cuda_and_trains_what_eager_trains(tiny_ckp
         result = trainer.train()
         if mode == "auto":
             assert isinstance(trainer.step_decoder, CompiledDecoder) and trainer.step_decoder.failed is None
-            assert "step compiled (torch.compile" in trainer._header()
+            assert "step compiled (torch.compile" in trainer.header()
         runs[mode] = ([loss for _, loss, *_ in result.history],
                       torch.cat([p.detach().flatten() for p in trainer.params]))
     (losses_c, weights_c), (losses_e, weights_e) = runs["auto"], runs["off"]

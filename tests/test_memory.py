@@ -109,7 +109,7 @@ def test_trainer_decides_checkpointing_from_the_cards_free_memory(tiny_ckpt, tmp
     trainer = Trainer(TrainConfig(tensor_dir=tensors, checkpoint_dir=tiny_ckpt, output_dir=str(tmp_path / "o"),
                                   lora_rank=8, lora_alpha=16, device="cpu", compile="off"))
     trainer.setup()
-    assert trainer.net.gradient_checkpointing is False and "gradient checkpointing off (auto: cpu)" in trainer._header()
+    assert trainer.net.gradient_checkpointing is False and "gradient checkpointing off (auto: cpu)" in trainer.header()
     monkeypatch.setattr(trainer, "device", torch.device("cuda"))  # only the decision: nothing runs on it
     tokens = max(s["encoder_hidden_states"].shape[0] for s in trainer.data.samples)
     args = (trainer.model_cfg, 1, 50, tokens, 8, trainer.targets)  # 2 s = 50 latent frames
@@ -126,13 +126,13 @@ def test_trainer_decides_checkpointing_from_the_cards_free_memory(tiny_ckpt, tmp
     fake_card(monkeypatch, int((need + need_gc) / 2 / 0.92) - held, reserved=held, allocated=held)
     replan()
     assert trainer.net.gradient_checkpointing is True
-    header = trainer._header()
+    header = trainer.header()
     assert "gradient checkpointing on (auto): without it the step needs about" in header
     assert "out of memory" not in header
     fake_card(monkeypatch, 24 * GIB, reserved=held, allocated=held)
     replan()
     assert trainer.net.gradient_checkpointing is False
-    assert "gradient checkpointing off (auto): the step needs about 0.1 GiB, 24.0 GiB free" in trainer._header()
+    assert "gradient checkpointing off (auto): the step needs about 0.1 GiB, 24.0 GiB free" in trainer.header()
 
 
 def test_auto_checkpointing_takes_the_models_sizes(monkeypatch):
