@@ -45,6 +45,18 @@ def tiny_ckpt(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), variants=["turbo", "base"])
 
 
+@pytest.fixture(scope="module")
+def six(tiny_ckpt, tmp_path_factory):
+    """Six prepared samples (1.0-1.5 s): validation_split 0.1 holds out one."""
+    from acestep_lora.prepare import PrepareSettings, prepare_dataset
+    from test_prepare import item
+
+    out = str(tmp_path_factory.mktemp("six"))
+    prepare_dataset([item(n, 1.0 + 0.1 * i) for i, n in enumerate("abcdef")], out,
+                    PrepareSettings(tiny_ckpt, device="cpu", custom_tag="mytag"))
+    return out
+
+
 SILENCE_PROBE = 48  # silence-latent probe frames for the tiny VAE (its edge effects span 7 frames)
 
 

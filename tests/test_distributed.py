@@ -16,10 +16,8 @@ from safetensors.torch import load_file
 
 from acestep_lora import distributed
 from acestep_lora.data import collate
-from acestep_lora.prepare import PrepareSettings, prepare_dataset
 from acestep_lora.train import Trainer, train_lora
 
-from test_prepare import item
 from test_train import config, losses, tensors  # noqa: F401  (tensors: the fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,14 +58,6 @@ def torchrun(root, runs, timeout=300):
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"the two-process runs hung (killed after {timeout} s):\n" + process.communicate()[0][-4000:])
     return process.returncode, output
-
-
-@pytest.fixture(scope="module")
-def six(tiny_ckpt, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("six"))
-    prepare_dataset([item(n, 1.0 + 0.1 * i) for i, n in enumerate("abcdef")], out,
-                    PrepareSettings(tiny_ckpt, device="cpu", custom_tag="mytag"))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,7 @@ from acestep_lora import validation
 from acestep_lora.data import collate
 from acestep_lora.manifest import SampleInfo
 from acestep_lora.objective import TURBO_SHIFT3_TIMESTEPS, Draw, loss
-from acestep_lora.prepare import PrepareSettings, prepare_dataset
 from acestep_lora.train import TrainConfig, Trainer, TrainingCancelled, train_lora
-
-from test_prepare import item
-
-
-@pytest.fixture(scope="module")
-def six(tiny_ckpt, tmp_path_factory):
-    """Six prepared samples (1.0-1.5 s): validation_split 0.1 holds out one."""
-    out = str(tmp_path_factory.mktemp("six"))
-    prepare_dataset([item(n, 1.0 + 0.1 * i) for i, n in enumerate("abcdef")], out,
-                    PrepareSettings(tiny_ckpt, device="cpu", custom_tag="mytag"))
-    return out
 
 
 def config(tiny_ckpt, tensors, out, **kw):
