@@ -466,6 +466,9 @@ def test_bad_inputs(tiny_ckpt, tensors, tmp_path):
         train_lora(config(tiny_ckpt, tensors, tmp_path / "o", config_path="acestep-v15-base"))
     with pytest.raises(ValueError, match="lora_rank must be >= 1"):
         train_lora(config(tiny_ckpt, tensors, tmp_path / "o", lora_rank=0))
+    # a choice outside the option table's (the API and a hand-edited workflow bypass the dropdown)
+    with pytest.raises(ValueError, match="comfy_dtype must be one of bfloat16, float16, float32 \\(got 'fp8'\\)"):
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", comfy_dtype="fp8"))
 
 
 def test_missing_tensor_file_named(tiny_ckpt, tensors, tmp_path):
