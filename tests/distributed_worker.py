@@ -23,6 +23,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from acestep_lora import distributed, lora, validation  # noqa: E402
 from acestep_lora.__main__ import main  # noqa: E402
+from acestep_lora.optim import Optimizer  # noqa: E402
 from acestep_lora.train import Trainer  # noqa: E402
 
 
@@ -34,12 +35,12 @@ def run(spec: dict) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     distributed.shutdown = lambda: None  # one process group for all the runs
     name, fault, notes = None, None, []
-    optimizer_step, cleanup, measure = Trainer._optimizer_step, Trainer.cleanup, validation.Validation._measure
+    optimizer_step, cleanup, measure = Optimizer.step, Trainer.cleanup, validation.Validation._measure
 
-    def faulty_step(self, step_loss):
-        if fault and fault["rank"] == rank and self.global_step + 1 == fault.get("step"):
+    def faulty_step(self):  # the kill point: just before optimizer step `step` (the schedule counts the steps done)
+        if fault and fault["rank"] == rank and self.schedule.last_epoch + 1 == fault.get("step"):
             os.kill(os.getpid(), getattr(signal, fault["signal"]))
-        return optimizer_step(self, step_loss)
+        return optimizer_step(self)
 
     def faulty_measure(self, trainer, epoch):
         if fault and fault.get("raise") == "validation" and fault["rank"] == rank:
@@ -51,7 +52,7 @@ def run(spec: dict) -> None:
         save_file(lora.peft_state_dict(self.lora_layers), os.path.join(out, f"{name}.rank{rank}.safetensors"))
         return cleanup(self)
 
-    Trainer._optimizer_step, Trainer.cleanup = faulty_step, saving_cleanup
+    Optimizer.step, Trainer.cleanup = faulty_step, saving_cleanup
     validation.Validation._measure = faulty_measure
     for item in spec["runs"]:
         name, fault, notes[:] = item["name"], item.get("fault"), []
