@@ -92,6 +92,12 @@ def option(tooltip: str, **facts) -> dict:
     return {"option": {"tooltip": tooltip, **facts}}
 
 
+def model_option(note: str):
+    """The model input (config_path) of Prepare and Train: the same row but for what the node says of it."""
+    return field(default=DEFAULT_CONFIG_PATH, metadata=option(MODEL_TOOLTIP + note, node=REQUIRED,
+                                                              cli_help=MODEL_CLI_HELP + note))
+
+
 # ------------------------------------------------------------------------------------------------- the table
 @dataclass
 class PrepareSettings:
@@ -102,9 +108,7 @@ class PrepareSettings:
         "are listed in config_path. Not needed with ComfyUI's own model files.", node=REQUIRED, advanced=True,
         cli_help="The official ACE-Step 1.5 download (folders acestep-v15-*, vae, Qwen3-Embedding-0.6B), or the "
                  "folder a relative .safetensors --config-path, --vae or --text-encoder is in."))
-    config_path: str = field(default=DEFAULT_CONFIG_PATH, metadata=option(
-        MODEL_TOOLTIP + " Train with the same one.", node=REQUIRED,
-        cli_help=MODEL_CLI_HELP + " Train with the same one."))
+    config_path: str = model_option(" Train with the same one.")
     # The parts a ComfyUI diffusion-model file lacks (an official folder and an all-in-one file bring their own),
     # and the variant a file name may not say. Node widgets at the end (saved workflows keep their positions).
     vae: str = field(default=AUTO, metadata=option(
@@ -176,9 +180,7 @@ class TrainConfig:
         node_after="config_path",
         cli_help="Folder for checkpoints and the final adapter; its name is the LoRA's name. A new run needs an "
                  "empty folder (or --resume-from latest)."))
-    config_path: str = field(default=DEFAULT_CONFIG_PATH, metadata=option(
-        MODEL_TOOLTIP + " Train the one the tensors were prepared with.", node=REQUIRED,
-        cli_help=MODEL_CLI_HELP + " Train the one the tensors were prepared with."))
+    config_path: str = model_option(" Train the one the tensors were prepared with.")
     variant: str = field(default=AUTO, metadata=option(
         VARIANT_TOOLTIP + " It decides the training timesteps.", choices=VARIANTS, advanced=True, node=OPTIONAL,
         node_after="device"))
