@@ -16,7 +16,6 @@ sends SIGTERM when another process failed) stop every process at the next step w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -93,8 +92,7 @@ class CtrlC:
 def _train(args) -> int:
     from .train import TrainConfig, TrainingCancelled, train_lora
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    cfg = config_from_inputs(TrainConfig, vars(args))
     several, main = distributed.launched(), distributed.env_rank() == 0
     if not main:  # process 0 tells the story; the others only what goes wrong in them
         logging.getLogger(console.LOGGER).setLevel(logging.WARNING)

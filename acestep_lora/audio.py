@@ -152,6 +152,15 @@ def from_comfy_audio(audio: dict, name: str = "audio") -> list[tuple[torch.Tenso
     return [(waveform[i], int(audio["sample_rate"])) for i in range(waveform.shape[0])]
 
 
+def to_comfy_audio(paths: list, sample_rate: int) -> dict:
+    """Clips of one length at ``sample_rate`` as one ComfyUI AUDIO batch ``[clips, C, N]`` (from_comfy_audio's
+    counterpart); 1 s of stereo silence when there are none, so a downstream Save/Preview Audio still runs."""
+    clips = [load_audio_file(path)[0] for path in paths]
+    if not clips:
+        return {"waveform": torch.zeros(1, 2, sample_rate), "sample_rate": sample_rate}
+    return {"waveform": torch.stack(clips), "sample_rate": sample_rate}
+
+
 def check_waveform(waveform: torch.Tensor, rate: int, name: str) -> None:
     """Reject audio that cannot be trained on, with the reason and the fix."""
     if rate <= 0:

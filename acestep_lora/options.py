@@ -33,9 +33,9 @@ from .checkpoint import DEFAULT_CONFIG_PATH
 from .compile import COMPILE_MODES
 from .device import DEVICE_CHOICES
 from .lora import DEFAULT_TARGETS
+from .objective import TIMESTEP_SAMPLING
 from .source import AUTO, VARIANT_CHOICES as VARIANTS
 
-TIMESTEP_SAMPLING = ("auto", "turbo_discrete", "logit_normal")
 GRADIENT_CHECKPOINTING = ("auto", "on", "off")
 TAG_POSITIONS = ("append", "prepend", "replace")
 COMFY_DTYPES = ("bfloat16", "float16", "float32")
@@ -98,6 +98,13 @@ def model_option(note: str):
                                                               cli_help=MODEL_CLI_HELP + note))
 
 
+def device_option(section: str):
+    """The device input of Prepare and Train (a required widget on Prepare, an optional one on Train)."""
+    return field(default="auto", metadata=option(
+        "auto = CUDA, else Apple MPS, else CPU.", choices=DEVICE_CHOICES, open_choices=True, advanced=True,
+        node=section, cli_help="auto, cuda, mps or cpu (or cuda:N): auto = CUDA, else Apple MPS, else CPU."))
+
+
 # ------------------------------------------------------------------------------------------------- the table
 @dataclass
 class PrepareSettings:
@@ -127,9 +134,7 @@ class PrepareSettings:
                  "(comfy/text_encoders/qwen25_tokenizer above the file)."))
     variant: str = field(default=AUTO, metadata=option(
         VARIANT_TOOLTIP, choices=VARIANTS, advanced=True, node=OPTIONAL, node_after="text_encoder"))
-    device: str = field(default="auto", metadata=option(
-        "auto = CUDA, else Apple MPS, else CPU.", choices=DEVICE_CHOICES, open_choices=True, node=REQUIRED,
-        advanced=True, cli_help="auto, cuda, mps or cpu (or cuda:N): auto = CUDA, else Apple MPS, else CPU."))
+    device: str = device_option(REQUIRED)
     custom_tag: str = field(default="", metadata=option(
         "A trigger word added to every caption (e.g. 'mystyle').", node=OPTIONAL))
     tag_position: str = field(default="append", metadata=option(
@@ -246,9 +251,7 @@ class TrainConfig:
     loras_dir: Optional[str] = field(default=None, metadata=option(
         "Where the ComfyUI LoRA file goes, e.g. ComfyUI/models/loras; the periodic checkpoints' LoRAs are then "
         "also published there as <name>/epoch_<N>.safetensors.", default_text="the --output-dir folder"))
-    device: str = field(default="auto", metadata=option(
-        "auto = CUDA, else Apple MPS, else CPU.", choices=DEVICE_CHOICES, open_choices=True, advanced=True,
-        node=OPTIONAL, cli_help="auto, cuda, mps or cpu (or cuda:N): auto = CUDA, else Apple MPS, else CPU."))
+    device: str = device_option(OPTIONAL)
     log_every: int = field(default=10, metadata=option(
         "Read the loss back from the GPU every N optimizer steps (each read-back makes the host wait for the "
         "GPU; on CPU every step).", min=1, max=10000, advanced=True))

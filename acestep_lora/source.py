@@ -29,6 +29,8 @@ from .config import VARIANT_FIELDS, AceStepConfig
 from .model import COMPONENTS
 
 OFFICIAL, COMFY = "official", "comfy"
+# ComfyUI's bundled Qwen tokenizer, under its comfy/ package (what its own ACE-Step 1.5 text encoder uses)
+COMFY_TOKENIZER = ("text_encoders", "qwen25_tokenizer")
 NO_TOKENIZER = (
     "ComfyUI's text-encoder file has no tokenizer. Give the folder of the tokenizer ComfyUI ships "
     "(ComfyUI/comfy/text_encoders/qwen25_tokenizer) or the official Qwen3-Embedding-0.6B folder.")
@@ -245,10 +247,13 @@ class ModelSource:
                                    else "derived from the VAE"))
         return out
 
+    def _model_line(self) -> str:
+        cfg = self.config
+        return f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
+
     def describe_dit(self) -> str:
         """One line: which model, from which folder or file, and where its variant came from."""
-        cfg = self.config
-        head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
+        cfg, head = self.config, self._model_line()
         if self.kind == OFFICIAL:
             return f"{head} from the official folder {dit_dir(self.checkpoint_dir, self.config_path)}"
         return f"{head} from the ComfyUI file {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"
@@ -257,8 +262,7 @@ class ModelSource:
         """Several lines saying which files are used and what was chosen or derived automatically."""
         if self.kind == OFFICIAL:
             return self.describe_dit()
-        cfg = self.config
-        head = f"ACE-Step 1.5 {cfg.family} {cfg.variant} (DiT hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers)"
+        cfg, head = self.config, self._model_line()
         lines = [f"{head} from ComfyUI files:",
                  f"  diffusion model: {self.dit_file} (variant '{cfg.variant}' from {self.variant_origin})"]
         for label, part, file, sub in (("VAE", native.VAE, self.vae_file, VAE_DIR),
@@ -386,7 +390,7 @@ def comfy_tokenizer_near(path: str, levels: int = 5) -> Optional[str]:
     file sits in (``ComfyUI/models/text_encoders/x`` -> ``ComfyUI/comfy/...``): the command line's way to it."""
     folder = os.path.dirname(os.path.abspath(path))
     for _ in range(levels):
-        candidate = os.path.join(folder, "comfy", "text_encoders", "qwen25_tokenizer")
+        candidate = os.path.join(folder, "comfy", *COMFY_TOKENIZER)
         if os.path.isdir(candidate):
             return candidate
         folder = os.path.dirname(folder)

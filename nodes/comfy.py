@@ -11,7 +11,7 @@ import os
 from typing import Any, Optional
 
 from ..acestep_lora.metrics import json_safe
-from ..acestep_lora.source import Folders
+from ..acestep_lora.source import COMFY_TOKENIZER, Folders
 
 CATEGORY = "audio/ACE-Step LoRA"  # where all of this pack's nodes sit in ComfyUI's node menu
 
@@ -106,7 +106,7 @@ def tokenizer_dirs() -> list[str]:
     fp = _folder_paths()
     if fp is not None and getattr(fp, "__file__", None):
         roots.append(os.path.join(os.path.dirname(fp.__file__), "comfy"))
-    found = [os.path.join(os.path.realpath(r), "text_encoders", "qwen25_tokenizer") for r in roots]
+    found = [os.path.join(os.path.realpath(r), *COMFY_TOKENIZER) for r in roots]
     return list(dict.fromkeys(found))
 
 

@@ -13,9 +13,9 @@ import os
 import shutil
 import time
 
-import torch
 
 from ..acestep_lora import options
+from ..acestep_lora.audio import to_comfy_audio
 from ..acestep_lora.console import TrainingBar
 from ..acestep_lora.metrics import ProgressEvent
 from ..acestep_lora.previews import saved_previews
@@ -169,19 +169,8 @@ def run_training(cfg: TrainConfig, unique_id, output_dir_as_typed: str) -> dict:
     latest = [s for s in sets if not s["base"]][-1:]
     ui = {"text": [result.summary], "audio": [a for s in latest + [s for s in sets if s["base"]] for a in s["audio"]],
           "acestep_lora_previews": sets}
-    return {"ui": ui, "result": (lora_info, result.log, audio_output(latest[0]["files"] if latest else [],
-                                                                    result.output_dir))}
-
-
-def audio_output(files: list, run_dir: str) -> dict:
-    """ComfyUI AUDIO: the clips as one batch [clips, 2, samples] (1 s of silence without clips)."""
-    import soundfile as sf
-
-    clips = [torch.from_numpy(sf.read(os.path.join(run_dir, f), dtype="float32", always_2d=True)[0].T.copy())
-             for f in files]
-    if not clips:
-        return {"waveform": torch.zeros(1, 2, SAMPLE_RATE), "sample_rate": SAMPLE_RATE}
-    return {"waveform": torch.stack(clips), "sample_rate": SAMPLE_RATE}
+    return {"ui": ui, "result": (lora_info, result.log, to_comfy_audio(
+        [os.path.join(result.output_dir, f) for f in latest[0]["files"]] if latest else [], SAMPLE_RATE))}
 
 
 NODE_CLASS_MAPPINGS = {"ACEStepLoRA_Train": TrainLoRA}
