@@ -121,7 +121,9 @@ class MetricsLog:
         """A line of its own in train_log.jsonl (a validation loss, a preview set: readers skip lines without
         "loss"), kept with the notes so a resumed run writes it again; ``line`` for the log (not the console when
         ``quiet``); ``event``: what the next progress event announces (ProgressEvent.validation / .previews), sent
-        now."""
+        now. The losses still pending are read back first, so the log stays in order; an epoch whose hooks record
+        nothing costs no extra read-back."""
+        self.flush()
         entry = {"epoch": self.epoch, "step": self.step, **entry}
         self.notes.append(entry)
         if self.writes:

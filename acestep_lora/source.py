@@ -210,7 +210,8 @@ class ModelSource:
         if self.silence_latent_file:
             return read_silence_latent(self.silence_latent_file, device=device, dtype=dtype)
         if self._silence is None:
-            self._silence = native.derive_silence_latent(self.load_vae(device=device, dtype=torch.float32)).cpu()
+            self._silence = native.derive_silence_latent(
+                self.load_vae(device=device, dtype=torch.float32, decoder=False)).cpu()
         return self._silence.to(device=device, dtype=dtype)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -178,8 +178,7 @@ class Trainer:
             hook(self)
         for epoch in range(self.start.epoch, cfg.train_epochs + 1):
             self._train_epoch(epoch, self.start if epoch == self.start.epoch else Position(epoch))
-            for hook in self.epoch_hooks:
-                self.metrics.flush()
+            for hook in self.epoch_hooks:  # a hook that records flushes the losses first (MetricsLog.record)
                 hook(self, epoch)
             if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0 and epoch < cfg.train_epochs:
                 self.metrics.flush()
