@@ -137,6 +137,9 @@ def test_recompiles_across_an_epoch_are_bounded_by_the_buckets(tiny_ckpt, varied
     trainer.train()
     lengths = trainer.data.lengths
     assert len({-(-n // 16) for n in lengths}) == 4  # the samples span four buckets
+    assert isinstance(trainer.step_decoder, compile_mod.CompiledDecoder) and graphs  # it did compile
+    # the shapes met, bucketed independently of CompiledDecoder.bucket (frames rounded up to 16)
+    assert {(b, f) for b, f in expected} <= {(b, -(-n // 16) * 16) for n in lengths for b in (1, 2)}
     assert sorted(graphs) == sorted(expected)  # one compile per shape met
     bound = len({-(-n // 16) for n in lengths})  # frame buckets x batch sizes (only 2: four samples)
     assert len(graphs) <= bound and f"{bound} step shapes" in trainer.header()

@@ -98,7 +98,7 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batches(
     # both processes hold the same LoRA, bit for bit
     ranks = [load_file(root / f"full.rank{r}.safetensors") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    # process 0 alone logs and writes: one header per run (4 runs), one summary per finished run (full, resume),
+    # process 0 alone logs and writes: one header per run (6 runs), one summary per finished run (full, resume),
     # one line per epoch in train_log.jsonl
     assert output.count("2 samples per step from 2 processes") == 6 and output.count("done: 4 epochs, 8 steps") == 2
     assert [json.loads(x)["epoch"] for x in open(root / "full" / "train_log.jsonl")] == [1, 2, 3, 4]

@@ -190,6 +190,7 @@ def test_prepare_dataset_parity_official_vs_comfy_files(comfy, monkeypatch, tmp_
         result = prepared[name]
         assert "from ComfyUI files" in result.status and "silence latent: derived from the VAE" in result.status
         assert result.files != prepared["official"].files  # another model identity, another cache key
+        assert len(result.files) == len(expected) == len(items)  # zip below must compare every sample
         for want, file in zip(expected, result.files):
             got = torch.load(os.path.join(result.tensor_dir, file), weights_only=True)
             for key in TENSOR_KEYS:

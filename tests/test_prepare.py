@@ -361,6 +361,7 @@ def test_tempo_detector_gets_the_decoded_window_and_its_failure_means_unknown(se
     assert "no steady beat" in _row(result.table, "drone.wav")
     again = prepare_dataset([PrepareItem(name=path, path=path, caption="drone")], str(tmp_path / "t"), settings)
     assert again.reused == 1 and "no steady beat" in _row(again.table, "drone.wav")
+    assert len(calls) == 1  # read back from the tensor file, not detected again
 
 
 def test_table_and_manifest_show_what_will_be_trained_on(settings, tmp_path):

@@ -156,7 +156,8 @@ def test_no_text_encoder_says_how_to_train_without_previews(tiny_ckpt, five, tmp
     shutil.copytree(tiny_ckpt, ckpt, ignore=shutil.ignore_patterns("Qwen3-Embedding-0.6B"))
     with pytest.raises(FileNotFoundError, match="preview_every_n_epochs to 0"):
         train_lora(config(str(ckpt), five, tmp_path / "run"))
-    train_lora(config(str(ckpt), five, tmp_path / "run2", train_epochs=1, preview_every_n_epochs=0))
+    result = train_lora(config(str(ckpt), five, tmp_path / "run2", train_epochs=1, preview_every_n_epochs=0))
+    assert os.path.isfile(result.comfy_lora_path) and not (tmp_path / "run2" / "previews").exists()
 
 
 def test_cancel_while_rendering_stops_the_previews_then_training(tiny_ckpt, five, tmp_path):
