@@ -146,7 +146,7 @@ class AttentionPlan:
             raise ValueError(f"attention backend '{backend}' is not one of {', '.join(BACKENDS)}")
         if key_valid is not None and backend == "flash":
             backend = "efficient"
-        self.backend, self.batch, self.query_len, self.key_len = backend, batch, query_len, key_len
+        self.backend = backend
         self.padded = key_lengths is not None or key_valid is not None
         if backend == "flash":
             if self.padded:  # two sequences per sample: valid prefix, padded tail (see the module docstring)

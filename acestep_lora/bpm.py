@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
 
-__all__ = ["TempoEstimate", "estimate_tempo", "detect_bpm", "onset_envelope", "MIN_SECONDS",
+__all__ = ["TempoEstimate", "estimate_tempo", "detect_bpm", "MIN_SECONDS",
            "MAX_SECONDS", "CONFIDENCE_THRESHOLD"]
 
 MIN_SECONDS = 4.0  # shorter clips hold too few beats for a reliable estimate
@@ -71,7 +71,7 @@ _N_MELS = 64
 _CHROMA_N_FFT = 1024  # pitch analysis: ~0.2 s windows at a quarter of the rate (~5 Hz bins)
 _FMIN = 30.0
 _REGIONS = (30.0, 200.0, 1000.0, 5000.0, 11000.0)  # kick/bass, low-mid, snare, hats
-_KICK, _LOWMID, _SNARE, _HATS = 0, 1, 2, 3
+_KICK, _SNARE = 0, 2  # rows of the region onset envelope (kick/bass, low-mid, snare, hats)
 _MIN_FLUX = 3e-3  # mean onset strength below which a clip counts as having no onsets
 _CHROMA_HOP_S = 0.05
 _CHROMA_BAND = (130.0, 2000.0)
@@ -293,15 +293,6 @@ def _onset_flux(power: torch.Tensor, rate: int) -> torch.Tensor:
     scale = 10.0 / ref
     flux = (torch.log1p(smooth[1:] * scale) - torch.log1p(prev * scale)).clamp_min(0.0)
     return (flux @ _region_matrix(fmax)).T.contiguous()
-
-
-def onset_envelope(mono: torch.Tensor, sample_rate: int) -> tuple[torch.Tensor, float]:
-    """Per-region onset strength ``[4, T]`` (kick/bass, low-mid, snare, hats; unit variance
-    each) of a mono signal ``[N]``, and its frame rate."""
-    x, rate = _mix_down(mono.detach().to("cpu", torch.float32).reshape(1, -1), sample_rate)
-    sp = _spectra(x, rate)
-    env = _onset_flux(sp["power"], sp["rate"])
-    return env / (env.std(1, keepdim=True) + 1e-8), sp["fps"]
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -70,12 +70,6 @@ class CompiledDecoder:
     def __getattr__(self, name):  # gradient_checkpointing, train(), parameters(), ... are the decoder's
         return getattr(self.decoder, name)
 
-    def __setattr__(self, name, value):
-        if name == "gradient_checkpointing":
-            setattr(self.decoder, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def _forward(self, hidden_states, timestep, timestep_r, encoder_hidden_states, context_latents, frame_lengths,
                  encoder_lengths):
         return self.decoder(hidden_states=hidden_states, timestep=timestep, timestep_r=timestep_r,

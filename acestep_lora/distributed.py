@@ -291,11 +291,6 @@ def on_main(fn: Callable[..., Any], *args) -> Any:
     return current().on_main(fn, *args)
 
 
-def barrier() -> None:
-    """Every process waits here until all have arrived (nothing when alone)."""
-    current().barrier()
-
-
 def shutdown() -> None:
     """Leave the process group at the end of a command (nothing when none was joined; a broken one is left to the
     process's exit, since tearing it down could wait for the lost process)."""
