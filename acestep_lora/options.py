@@ -311,7 +311,12 @@ def check_config(c: TrainConfig) -> None:
              "train_epochs": (c.train_epochs >= 1, ">= 1"), "batch_size": (c.batch_size >= 1, ">= 1"),
              "gradient_accumulation": (c.gradient_accumulation >= 1, ">= 1"),
              "save_every_n_epochs": (c.save_every_n_epochs >= 0, ">= 0"),
-             "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)")}
+             "cfg_dropout": (0 <= c.cfg_dropout < 1, "in [0, 1)"),
+             "preview_every_n_epochs": (c.preview_every_n_epochs >= -1, "-1 (with each checkpoint), 0 (off) or N >= 1"),
+             "preview_count": (c.preview_count >= 1, ">= 1"),
+             "preview_seconds": (0 < c.preview_seconds <= 600, "in (0, 600]"),
+             "validation_split": (0 <= c.validation_split <= 0.5, "in [0, 0.5] (0.1 holds out 10 %, 0 turns it off)"),
+             "validation_every_n_epochs": (c.validation_every_n_epochs >= 1, ">= 1")}
     for name, (ok, rule) in rules.items():
         if not ok:
             raise ValueError(f"{name} must be {rule} (got {getattr(c, name)})")

@@ -24,6 +24,7 @@ epochs, and once with it off, so the musician hears what training does instead o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -123,8 +124,7 @@ def choose_prompts(cfg, samples: list, metadata) -> tuple[list[Prompt], list[str
 
 
 def prompt_record(prompt: Prompt) -> dict:
-    return {"caption": prompt.caption, "lyrics": prompt.lyrics, "duration": prompt.duration, "bpm": prompt.bpm,
-            "keyscale": prompt.keyscale, "timesignature": prompt.timesignature, "language": prompt.language}
+    return dataclasses.asdict(prompt)
 
 
 def saved_previews(output_dir: str) -> list[dict]:
@@ -149,12 +149,6 @@ class Previews:
     """The previews of one run: ``attach(trainer)`` plugs them into a Trainer's hooks."""
 
     def __init__(self, cfg, trainer):
-        if not -1 <= cfg.preview_every_n_epochs:
-            raise ValueError(f"preview_every_n_epochs must be -1 (with each checkpoint), 0 (off) or N >= 1 (got "
-                             f"{cfg.preview_every_n_epochs}).")
-        if cfg.preview_count < 1 or not 0 < cfg.preview_seconds <= 600:
-            raise ValueError(f"preview_count must be >= 1 and preview_seconds in (0, 600] (got {cfg.preview_count}, "
-                             f"{cfg.preview_seconds}).")
         self.cfg, self.every = cfg, preview_epochs_every(cfg)
         held = trainer.validation.held.manifest.samples_info if trainer.validation.held is not None else []
         self.prompts, self.notes = choose_prompts(cfg, [*held, *trainer.data.manifest.samples_info],

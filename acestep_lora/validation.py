@@ -162,11 +162,6 @@ class Validation:
         """-> (the samples to train on, the Validation). ``cfg``: TrainConfig; a resume (``cfg.resume_from``) keeps
         the split of the checkpoint it continues."""
         fraction, every = cfg.validation_split, cfg.validation_every_n_epochs
-        if not 0 <= fraction <= 0.5:
-            raise ValueError(f"validation_split must be in [0, 0.5] (got {fraction}); 0.1 holds out 10 % of the "
-                             "samples, 0 turns validation off.")
-        if every < 1:
-            raise ValueError(f"validation_every_n_epochs must be >= 1 (got {every}).")
         infos = data.manifest.samples_info
         if fraction == 0:
             return data, cls(cfg, None, [], "")

@@ -469,6 +469,8 @@ def test_bad_inputs(tiny_ckpt, tensors, tmp_path):
     # a choice outside the option table's (the API and a hand-edited workflow bypass the dropdown)
     with pytest.raises(ValueError, match="comfy_dtype must be one of bfloat16, float16, float32 \\(got 'fp8'\\)"):
         train_lora(config(tiny_ckpt, tensors, tmp_path / "o", comfy_dtype="fp8"))
+    with pytest.raises(ValueError, match="validation_split must be in \\[0, 0.5\\]"):  # before anything is loaded
+        train_lora(config(tiny_ckpt, tensors, tmp_path / "o", validation_split=0.9))
 
 
 def test_missing_tensor_file_named(tiny_ckpt, tensors, tmp_path):
